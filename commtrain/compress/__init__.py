@@ -9,5 +9,10 @@ from .packet import Packet
 
 # Importing a codec module registers it (one algorithm per small file).
 from . import identity, cast  # noqa: E402,F401
+from . import quant, qsgd, natural, natural_dither, topk, randomk, fp8  # noqa: E402,F401
+from .error_feedback import ErrorFeedback  # noqa: E402
 
-__all__ = ["Codec", "Packet", "available_codecs", "build_codec", "codec_class", "parse_spec", "register_codec"]
+__all__ = [
+    "Codec", "ErrorFeedback", "Packet", "available_codecs", "build_codec", "codec_class", "parse_spec",
+    "register_codec",
+]

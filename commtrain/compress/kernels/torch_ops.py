@@ -64,3 +64,284 @@ def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if b.data_ptr() % torch.empty((), dtype=dtype).element_size():
         b = b.clone()
     return b.view(dtype)
+
+
+# =========================================================================================
+# Numeric cores of the lossy codecs. A CuPy back-end replaces exactly these functions (same
+# names, same arguments, same payload bytes); the layouts below are the contract.
+#
+# Common conventions
+# * ``x`` is a flat contiguous float32 tensor of ``n >= 1`` elements.
+# * Groups/buckets are consecutive runs of ``group`` elements; the last one may be partial
+#   (G = ceil(n / group) groups). Per-group scalars are float32, little endian, appended
+#   after the packed code stream (which starts at byte 0 and takes ceil(n*bits/8) bytes, see
+#   the bit layout at the top of this file). Scalars are therefore not necessarily 4-byte
+#   aligned; readers must use unaligned loads (``from_bytes`` copies when needed).
+# * Stochastic rounding draws one uniform u in [0, 1) per element (``torch.rand`` here,
+#   Philox in the CUDA kernels): tests compare statistics, not bits.
+# * Non-finite inputs: a group holding any NaN/Inf gets NaN as its per-group scalar, and its
+#   codes are written as 0, so the whole group decodes as NaN; other groups are unaffected.
+# =========================================================================================
+import math as _math
+
+_NAN = float("nan")
+
+
+def num_groups(n: int, group: int) -> int:
+    return -(-n // group)
+
+
+def _grouped(x: torch.Tensor, group: int, fill: str) -> torch.Tensor:
+    """View ``x`` as (G, group); a partial last group is padded (a copy) with zeros
+    (``fill="zero"``: neutral for abs-max and L2 norms) or with its own last element
+    (``fill="edge"``: neutral for min and max)."""
+    n = x.numel()
+    pad = num_groups(n, group) * group - n
+    if pad:
+        tail = x[-1:].expand(pad) if fill == "edge" else x.new_zeros(pad)
+        x = torch.cat([x, tail])
+    return x.view(-1, group)
+
+
+def _ungroup(y: torch.Tensor, n: int) -> torch.Tensor:
+    return y.reshape(-1)[:n]
+
+
+def _grouped_codes(codes: torch.Tensor, group: int) -> torch.Tensor:
+    return _grouped(codes, group, "zero")
+
+
+def _uniform(shape, like: torch.Tensor, gen) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, device=like.device, dtype=torch.float32)
+
+
+def _scalars(payload: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    return from_bytes(payload[offset: offset + 4 * count], torch.float32)
+
+
+# -- quant: uniform b-bit quantisation with per-group scales ---------------------------------
+# Payload:  [codes: ceil(n*bits/8) bytes, bit layout above][scales: G records, fp32 LE]
+#   scheme "minmax": record g = (lo_g, step_g)  8 bytes; lo = min, step = (max - min) / L
+#   scheme "absmax": record g = (amax_g,)        4 bytes; lo = -amax, step = 2 * amax / L
+# with L = 2**bits - 1. Encoding (fp32 arithmetic, in this order):
+#   v = (x - lo) / step            (v = 0 when step == 0, i.e. a constant group)
+#   code = clamp(round_half_even(v), 0, L)   rounding="nearest"
+#   code = clamp(floor(v + u), 0, L)          rounding="stochastic" (E[code] = v)
+# Decoding: x' = lo + step * code (two fp32 operations, no FMA in the reference).
+def quant_levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def quant_scale_nbytes(scheme: str) -> int:
+    return 8 if scheme == "minmax" else 4
+
+
+def quant_payload_nbytes(n: int, bits: int, group: int, scheme: str) -> int:
+    return packed_nbytes(n, bits) + quant_scale_nbytes(scheme) * num_groups(n, group)
+
+
+def _quant_lo_step(scales: torch.Tensor, bits: int, scheme: str):
+    L = quant_levels(bits)
+    if scheme == "minmax":
+        s = scales.view(-1, 2)
+        return s[:, 0:1], s[:, 1:2]
+    amax = scales.view(-1, 1)
+    return -amax, 2.0 * amax / L
+
+
+def quantize_pack(x: torch.Tensor, bits: int, group: int, scheme: str, stochastic: bool, gen) -> torch.Tensor:
+    """b-bit quantise ``x`` per group and pack codes + scales into one uint8 payload."""
+    n, L = x.numel(), quant_levels(bits)
+    xg = _grouped(x, group, "edge")
+    finite = torch.isfinite(xg).all(1, keepdim=True)
+    if scheme == "minmax":
+        lo, hi = xg.amin(1, keepdim=True), xg.amax(1, keepdim=True)
+        lo = torch.where(finite, lo, _NAN)
+        step = torch.where(finite, (hi - lo) / L, _NAN)
+        scales = torch.cat([lo, step], 1)
+    elif scheme == "absmax":
+        amax = torch.where(finite, xg.abs().amax(1, keepdim=True), _NAN)
+        scales = amax
+        lo, step = -amax, 2.0 * amax / L
+    else:
+        raise ValueError(f"quantize_pack: scheme={scheme!r} is invalid; allowed: minmax, absmax")
+    ok = finite & (step > 0)
+    v = torch.where(ok, (xg - lo) / torch.where(ok, step, 1.0), 0.0)
+    v = torch.floor(v + _uniform(v.shape, v, gen)) if stochastic else torch.round(v)
+    codes = _ungroup(v.clamp_(0, L).to(torch.uint8), n)
+    return torch.cat([pack_bits(codes, bits), to_bytes(scales)])
+
+
+def _dequantize_grouped(payload, n, bits, group, scheme):
+    nb = packed_nbytes(n, bits)
+    G = num_groups(n, group)
+    codes = _grouped_codes(unpack_bits(payload[:nb], bits, n), group)
+    lo, step = _quant_lo_step(_scalars(payload, nb, G * quant_scale_nbytes(scheme) // 4), bits, scheme)
+    return lo + step * codes.float()
+
+
+def unpack_dequantize(payload: torch.Tensor, n: int, bits: int, group: int, scheme: str) -> torch.Tensor:
+    """Inverse of :func:`quantize_pack`: ``n`` float32 values."""
+    return _ungroup(_dequantize_grouped(payload, n, bits, group, scheme), n)
+
+
+def unpack_dequantize_add(payload, n: int, bits: int, group: int, scheme: str, out: torch.Tensor) -> torch.Tensor:
+    """``out += unpack_dequantize(...)`` (the decompress-and-sum step of a compressed
+    reduce-scatter); returns ``out``."""
+    return out.add_(unpack_dequantize(payload, n, bits, group, scheme))
+
+
+# -- bucketed sign + level codecs (QSGD, natural dithering) ----------------------------------
+# Payload: [codes: ceil(n*(w+1)/8) bytes][norms: G fp32], w = bit_length(s) level bits.
+# code = level | (negative << w); level j in 0..s. A value decodes as
+#   x' = (-1)^negative * (norm_g * table[j])
+# with table[j] = float32(j / s) ("uniform", QSGD) or 0 for j = 0 and 2**(j - s) for j >= 1
+# ("pow2", natural dithering). The bucket norm is the L2 norm (computed as
+# amax * ||x / amax||_2 so that it does not overflow for large finite values) or the max
+# norm. y = |x| / norm in [0, 1] is rounded stochastically to one of its two neighbouring
+# levels with P(up) = (y - lower) / (upper - lower), so E[x'] = x.
+def level_bits(levels: int) -> int:
+    return int(levels).bit_length() + 1
+
+
+def level_table(levels: int, spacing: str, device) -> torch.Tensor:
+    j = torch.arange(levels + 1, dtype=torch.float64)
+    if spacing == "uniform":
+        t = j / levels
+    else:
+        t = torch.where(j == 0, 0.0, torch.exp2(j - levels))
+    return t.to(torch.float32).to(device)
+
+
+def level_payload_nbytes(n: int, levels: int, bucket: int) -> int:
+    return packed_nbytes(n, level_bits(levels)) + 4 * num_groups(n, bucket)
+
+
+def level_encode(x: torch.Tensor, levels: int, bucket: int, norm: str, spacing: str, gen) -> torch.Tensor:
+    n, s = x.numel(), levels
+    w = level_bits(s) - 1
+    xg = _grouped(x, bucket, "zero")
+    finite = torch.isfinite(xg).all(1, keepdim=True)
+    a = xg.abs()
+    amax = a.amax(1, keepdim=True)
+    ok = finite & (amax > 0)
+    y = a / torch.where(ok, amax, 1.0)
+    if norm == "2":
+        r = torch.linalg.vector_norm(y, dim=1, keepdim=True)  # in [1, sqrt(bucket)] where ok
+        y = y / torch.where(ok, r, 1.0)
+        nrm = amax * r
+    else:
+        nrm = amax
+    y = torch.where(ok, y, 0.0).clamp_(max=1.0)
+    nrm = torch.where(finite, nrm, _NAN)
+    u = _uniform(y.shape, y, gen)
+    if spacing == "uniform":
+        level = torch.floor(y * s + u)
+    else:
+        # y in [2^(e-1), 2^e): lower level 2^(e-1) has index e-1+s, P(up) = y/2^(e-1) - 1.
+        m, e = torch.frexp(y)
+        below = (e <= 1 - s) | (y == 0)  # under the smallest non-zero level 2^(1-s)
+        p_up = torch.where(below, y * 2.0 ** (s - 1), 2.0 * m - 1.0)
+        lower = torch.where(below, 0, e + (s - 1)).float()
+        level = lower + (u < p_up).float()
+    level = level.clamp_(0, s).to(torch.uint8)
+    code = level | ((xg < 0).to(torch.uint8) << w)
+    return torch.cat([pack_bits(_ungroup(code, n), w + 1), to_bytes(nrm)])
+
+
+def _level_decode_grouped(payload, n, levels, bucket, spacing):
+    bits = level_bits(levels)
+    nb = packed_nbytes(n, bits)
+    code = _grouped_codes(unpack_bits(payload[:nb], bits, n), bucket)
+    nrm = _scalars(payload, nb, num_groups(n, bucket)).view(-1, 1)
+    w = bits - 1
+    table = level_table(levels, spacing, payload.device)
+    val = nrm * table[(code & ((1 << w) - 1)).long()]
+    return torch.where((code >> w).bool(), -val, val)
+
+
+def level_decode(payload: torch.Tensor, n: int, levels: int, bucket: int, spacing: str) -> torch.Tensor:
+    return _ungroup(_level_decode_grouped(payload, n, levels, bucket, spacing), n)
+
+
+# -- natural compression: sign + power-of-two exponent in one byte --------------------------
+# Payload: [codes: n bytes][top: int32 LE]. ``top`` = min(floor(log2 amax) + 1, 127) over
+# the finite |x| (0 if there are none); the 126 representable magnitudes are 2^E for
+# E = top-125 .. top (code k in 1..126 means 2^(top - 126 + k)). Byte = (sign << 7) | k with
+# special values 0x00 = 0, 0x80 = NaN, 0x7F = +inf, 0xFF = -inf.
+NATURAL_WINDOW = 126
+
+
+def natural_encode(x: torch.Tensor, gen) -> torch.Tensor:
+    a = x.abs()
+    finite = torch.isfinite(x)
+    amax = torch.where(finite, a, 0.0).amax()
+    top = torch.frexp(amax)[1].clamp(max=127)  # floor(log2 amax) + 1; 0 for amax == 0
+    e_lo = top - (NATURAL_WINDOW - 1)
+    m, e = torch.frexp(a)  # a = m * 2^e, m in [0.5, 1): 2^(e-1) <= a < 2^e
+    below = (e - 1) < e_lo
+    # In the window: round 2^(e-1) up to 2^e with P = a/2^(e-1) - 1 = 2m - 1.
+    # Below it: round 0 up to 2^e_lo with P = a / 2^e_lo = m * 2^(e - e_lo).
+    p_up = torch.where(below, m * torch.exp2((e - e_lo).clamp(min=-200).float()), 2.0 * m - 1.0)
+    k = torch.where(below, 0, e - e_lo) + (_uniform(a.shape, a, gen) < p_up).int()
+    k = torch.where(a == 0, 0, k.clamp_(max=NATURAL_WINDOW))
+    code = torch.where(k > 0, k | ((x < 0).int() << 7), 0)
+    code = torch.where(torch.isnan(x), 0x80, code)
+    code = torch.where(torch.isinf(x), torch.where(x > 0, 0x7F, 0xFF), code)
+    return torch.cat([code.to(torch.uint8), to_bytes(top.reshape(1).to(torch.int32))])
+
+
+def natural_decode(payload: torch.Tensor, n: int) -> torch.Tensor:
+    top = from_bytes(payload[n: n + 4], torch.int32)
+    k = torch.arange(NATURAL_WINDOW + 2, device=payload.device, dtype=torch.int32)
+    mag = torch.exp2((top - NATURAL_WINDOW + k).float())
+    mag[0], mag[-1] = 0.0, float("inf")
+    table = torch.cat([mag, -mag])
+    table[128] = _NAN
+    return table[payload[:n].long()]
+
+
+# -- fp8 with per-group absmax scaling --------------------------------------------------------
+# Payload: [codes: n bytes of float8][scales: G fp32]. scale_g = amax_g / FMAX (FMAX = 448 for
+# e4m3, 57344 for e5m2); the byte is float8(x / scale_g) and x' = float(byte) * scale_g.
+# scale_g = 0 (all-zero group) encodes zeros; a non-finite group stores scale NaN.
+FP8_FORMATS = {
+    # name: (torch dtype, max finite, min normal exponent, mantissa bits)
+    "e4m3": (torch.float8_e4m3fn, 448.0, -6, 3),
+    "e5m2": (torch.float8_e5m2, 57344.0, -14, 2),
+}
+
+
+def fp8_stochastic_round(y: torch.Tensor, fmt: str, gen) -> torch.Tensor:
+    """Round |y| <= FMAX to one of its two neighbouring fp8 values with probability
+    proportional to proximity (unbiased, subnormals included); result is exactly
+    representable, so the following cast is exact."""
+    _, fmax, emin, mbits = FP8_FORMATS[fmt]
+    a = y.abs()
+    e = torch.frexp(a)[1] - 1  # floor(log2 a); -1 for a == 0, harmless below
+    ulp = torch.exp2((e.clamp(min=emin) - mbits).float())  # grid spacing at a (subnormals: fixed)
+    lower = torch.floor(a / ulp) * ulp
+    up = _uniform(a.shape, a, gen) < (a - lower) / ulp
+    r = torch.minimum(lower + ulp * up, torch.tensor(fmax, device=a.device))
+    return torch.copysign(r, y)
+
+
+def fp8_encode(x: torch.Tensor, fmt: str, group: int, stochastic: bool, gen) -> torch.Tensor:
+    dtype, fmax, _, _ = FP8_FORMATS[fmt]
+    n = x.numel()
+    xg = _grouped(x, group, "zero")
+    finite = torch.isfinite(xg).all(1, keepdim=True)
+    scale = xg.abs().amax(1, keepdim=True) / fmax
+    ok = finite & (scale > 0)
+    y = torch.where(ok, xg / torch.where(ok, scale, 1.0), 0.0).clamp_(-fmax, fmax)
+    if stochastic:
+        y = fp8_stochastic_round(y, fmt, gen)
+    codes = _ungroup(y.to(dtype), n).view(torch.uint8)
+    return torch.cat([codes, to_bytes(torch.where(finite, scale, _NAN))])
+
+
+def fp8_decode(payload: torch.Tensor, n: int, fmt: str, group: int) -> torch.Tensor:
+    dtype = FP8_FORMATS[fmt][0]
+    G = num_groups(n, group)
+    y = _grouped_codes(payload[:n], group).view(dtype).float()
+    return _ungroup(y * _scalars(payload, n, G).view(-1, 1), n)

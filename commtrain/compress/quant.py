@@ -1,0 +1,71 @@
+"""``quant``: uniform b-bit quantisation with per-group scales (QSGD-style stochastic or
+round-to-nearest), the workhorse codec for gradients, activations and ZeRO++-style weights.
+
+Math. ``x`` is cut into groups of ``group`` consecutive elements (the last may be partial).
+Each group gets an affine grid of L + 1 = 2^bits points, ``lo + step * c`` for c in 0..L:
+
+* ``scheme="minmax"``: lo = min(x_g), step = (max(x_g) - min(x_g)) / L (asymmetric; the two
+  extremes are exactly representable). Scales cost 8 bytes per group (lo, step).
+* ``scheme="absmax"``: lo = -amax, step = 2 * amax / L with amax = max|x_g| (symmetric, as in
+  ZeRO++ / CGX). Scales cost 4 bytes per group (amax).
+
+``rounding="nearest"`` rounds v = (x - lo) / step half-to-even: |x' - x| <= step / 2.
+``rounding="stochastic"`` takes floor(v + u), u ~ U[0, 1): E[x'] = x and |x' - x| < step
+(Alistarh et al., "QSGD", NeurIPS 2017; Gupta et al., "Deep learning with limited numerical
+precision", ICML 2015).
+
+Payload (the layout CUDA kernels reproduce bit for bit; see ``kernels/torch_ops.py``)::
+
+    [codes: ceil(n * bits / 8) bytes, code i at bits i*bits.., LSB first]
+    [scales: ceil(n / group) records of fp32 little endian: (lo, step) | (amax,)]
+
+so 4-bit, group 128 costs ceil(n/2) + 8 * ceil(n/128) bytes (minmax).
+
+NaN/Inf: a group holding a NaN or Inf stores NaN scales and decodes entirely as NaN; other
+groups are unaffected. Values within a factor 2 of the fp32 maximum may overflow the step.
+"""
+from __future__ import annotations
+
+from .codec import Codec, check_choice, check_range, register_codec
+from .kernels.torch_ops import quant_payload_nbytes
+
+SCHEMES = ("minmax", "absmax")
+ROUNDINGS = ("stochastic", "nearest")
+
+
+@register_codec("quant")
+class Quant(Codec):
+    bits: int = 8
+    group: int = 128
+    scheme: str = "minmax"
+    rounding: str = "stochastic"
+
+    @property
+    def unbiased(self) -> bool:
+        return self.rounding == "stochastic"
+
+    @property
+    def contractive(self) -> bool:
+        """Nearest rounding errs by at most step/2 per element. With minmax,
+        ||x_g||^2 >= range^2 / 2 and step = range / L, so ||C(x) - x||^2 < ||x||^2 holds
+        whenever group < 2 L^2; with absmax, ||x_g||^2 >= amax^2 and step/2 = amax / L, so
+        group < L^2. (Stochastic rounding is unbiased, not contractive.)"""
+        L = (1 << self.bits) - 1
+        bound = 2 * L * L if self.scheme == "minmax" else L * L
+        return self.rounding == "nearest" and self.group < bound
+
+    def validate(self):
+        check_range(self, "bits", self.bits, 1, 8)
+        check_range(self, "group", self.group, 1)
+        check_choice(self, "scheme", self.scheme, SCHEMES)
+        check_choice(self, "rounding", self.rounding, ROUNDINGS)
+
+    def payload_nbytes(self, numel, dtype=None):
+        return quant_payload_nbytes(numel, self.bits, self.group, self.scheme)
+
+    def encode(self, x, gen):
+        stochastic = self.rounding == "stochastic"
+        return self.ops(x.device).quantize_pack(x, self.bits, self.group, self.scheme, stochastic, gen)
+
+    def decode(self, payload, numel):
+        return self.ops(payload.device).unpack_dequantize(payload, numel, self.bits, self.group, self.scheme)
