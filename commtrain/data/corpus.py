@@ -1,0 +1,132 @@
+"""Text sources: the built-in corpus (no download) and user files.
+
+Sources are registered by name (``@register_source``) and return one string. The built-in
+``stdlib`` source is real code-and-prose text that every Python installation already has:
+the standard library's own ``.py`` files, in sorted path order, capped at ``max_bytes``. It
+is deterministic for a given Python installation; machines with different Python versions
+see different text, which is why :func:`fingerprint` exists (ranks can compare it).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Callable
+
+_SOURCES: dict[str, Callable[..., str]] = {}
+
+# Directories of the stdlib that are not the library itself (third-party packages, the
+# regression-test suite) or are bulky generated data.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test", "encodings"}
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def register_source(name: str):
+    def deco(fn):
+        if name in _SOURCES:
+            raise ValueError(f"data source {name!r} registered twice")
+        _SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def available_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def load_text(source: str, path=None, max_bytes: int | None = None, text_field: str = "text") -> str:
+    if source not in _SOURCES:
+        raise ValueError(f"data.source={source!r} is invalid; allowed: {', '.join(available_sources())}")
+    text = _SOURCES[source](path=path, text_field=text_field, max_bytes=max_bytes)
+    if max_bytes is not None:
+        # Cap in bytes (what the byte tokenizer sees); a cut multi-byte char is replaced.
+        raw = text.encode("utf-8")
+        if len(raw) > max_bytes:
+            text = raw[:max_bytes].decode("utf-8", errors="replace")
+    return text
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def stdlib_files() -> list[Path]:
+    """The stdlib's .py files sorted by relative path (skipped directories are never entered:
+    site-packages alone can hold gigabytes)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
+        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@register_source("stdlib")
+def _stdlib(path=None, text_field="text", max_bytes: int | None = None) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for f in stdlib_files():
+        body = f.read_bytes().decode("utf-8", errors="replace")
+        parts.append(f"# ---- {f.relative_to(root).as_posix()} ----\n{body}\n")
+        total += len(parts[-1].encode("utf-8"))
+        if max_bytes is not None and total >= max_bytes:  # load_text() cuts exactly
+            break
+    if not parts:
+        raise ValueError(f"data.source='stdlib': no .py files under {root}")
+    return "".join(parts)
+
+
+def resolve_paths(path) -> list[Path]:
+    """A path, directory, glob, comma-separated string or list of those -> sorted files."""
+    if path is None or path == "" or path == []:
+        raise ValueError("data.path is required for data.source='files'; allowed: a file, directory, glob or list")
+    entries = [p for item in ([path] if isinstance(path, (str, Path)) else path) for p in str(item).split(",") if p]
+    files: list[Path] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        if any(c in entry for c in "*?["):
+            matched = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+        elif p.is_dir():
+            matched = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+        elif p.is_file():
+            matched = [p]
+        else:
+            raise ValueError(f"data.path={entry!r} does not exist")
+        if not matched:
+            raise ValueError(f"data.path={entry!r} matched no text (.txt, ...) or JSONL files")
+        files.extend(matched)
+    return files
+
+
+def _read_jsonl(f: Path, text_field: str) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.path: {f}:{lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise ValueError(f"data.path: {f}:{lineno} has no string field {text_field!r} (data.text_field)")
+        docs.append(rec[text_field])
+    return docs
+
+
+@register_source("files")
+def _files(path=None, text_field="text", max_bytes: int | None = None) -> str:
+    docs: list[str] = []
+    for f in resolve_paths(path):
+        if f.suffix in JSONL_SUFFIXES:
+            docs.extend(_read_jsonl(f, text_field))
+        else:
+            docs.append(f.read_bytes().decode("utf-8", errors="replace"))
+    text = "\n\n".join(docs)  # documents separated by a blank line (no special token in byte vocab)
+    if not text:
+        raise ValueError(f"data.path={path!r}: the files contain no text")
+    return text

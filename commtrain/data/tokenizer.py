@@ -1,0 +1,139 @@
+"""Tokenizers: byte-level (zero setup), BPE trained locally and cached, or a checkpoint's own.
+
+All expose ``vocab_size``, ``encode(text) -> LongTensor`` and ``decode(ids) -> str``, and are
+registered by name with ``@register_tokenizer``; ``build_tokenizer(name, ...)`` builds one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+_TOKENIZERS: dict[str, Callable[..., "object"]] = {}
+_CHUNK = 1 << 16  # characters per encode_batch item (split at newlines)
+
+
+def register_tokenizer(name: str):
+    def deco(fn):
+        if name in _TOKENIZERS:
+            raise ValueError(f"tokenizer {name!r} registered twice")
+        _TOKENIZERS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_tokenizers() -> list[str]:
+    return sorted(_TOKENIZERS)
+
+
+def build_tokenizer(name: str, text: str, **kw):
+    if name not in _TOKENIZERS:
+        raise ValueError(f"data.tokenizer={name!r} is invalid; allowed: {', '.join(available_tokenizers())}")
+    return _TOKENIZERS[name](text=text, **kw)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COMMTRAIN_CACHE", Path.home() / ".cache" / "commtrain"))
+
+
+def _chunks(text: str) -> list[str]:
+    """Split at newlines into ~64K-character pieces (tokens never span a newline boundary
+    here, so the split is deterministic and costs almost nothing in compression)."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + _CHUNK)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: vocabulary 256, nothing to train or download."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
+
+    def decode(self, ids) -> str:
+        return bytes(torch.as_tensor(ids, dtype=torch.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+class FastTokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` (BPE or a checkpoint's fast tokenizer)."""
+
+    def __init__(self, tok, name: str, vocab_size: int, path: Path | None = None):
+        self.tok, self.name, self.vocab_size, self.path = tok, name, vocab_size, path
+
+    def encode(self, text: str) -> torch.Tensor:
+        encs = self.tok.encode_batch(_chunks(text), add_special_tokens=False)
+        if not encs:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.from_numpy(np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in encs]))
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(torch.as_tensor(ids).tolist())
+
+
+@register_tokenizer("byte")
+def _byte(text: str, **_) -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+def train_bpe(text: str, vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation) trained on ``text``; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(_chunks(text), trainer)
+    return tok
+
+
+@register_tokenizer("bpe")
+def _bpe(text: str, bpe_vocab_size: int = 2048, cache_dir=None, **_) -> FastTokenizer:
+    """Train once per (corpus, vocab size) and cache the tokenizer JSON under ``cache_dir``.
+
+    The cache key hashes the corpus, so a changed corpus never reuses a stale tokenizer.
+    The file is written to a temporary name and renamed, so concurrent ranks sharing the
+    cache directory never read a half-written file.
+    """
+    from tokenizers import Tokenizer
+
+    if not isinstance(bpe_vocab_size, int) or bpe_vocab_size < 258:
+        raise ValueError(f"data.bpe_vocab_size={bpe_vocab_size} is invalid; allowed: >= 258 (256 bytes + merges)")
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = cache / f"bpe-v{bpe_vocab_size}-{key}.json"
+    if path.is_file():
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = train_bpe(text, bpe_vocab_size)
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
+        os.close(fd)
+        tok.save(tmp)
+        os.replace(tmp, path)
+    return FastTokenizer(tok, "bpe", tok.get_vocab_size(), path)
+
+
+@register_tokenizer("hf")
+def _hf(text: str, hf_tokenizer=None, **_) -> FastTokenizer:
+    """The checkpoint's own tokenizer (passed in by the caller, e.g. ``HFCausalLM.tokenizer``)."""
+    if hf_tokenizer is None:
+        raise ValueError("data.tokenizer='hf' needs the checkpoint's tokenizer; allowed with model.hf_path only")
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"data.tokenizer='hf': {type(hf_tokenizer).__name__} is not a fast tokenizer")
+    return FastTokenizer(backend, "hf", len(hf_tokenizer))
