@@ -1,0 +1,80 @@
+"""Handle and the FIFO worker threads behind asynchronous communication.
+
+A multi-stage compressed collective (compress -> all-to-all -> decompress-and-sum ->
+re-compress -> all-gather -> decompress) cannot be one ``async_op=True`` torch call, so
+each Communicator runs its collectives on one worker thread, in submission order: as
+long as every rank issues collectives in the same order, they stay matched across ranks
+while the caller (e.g. backward) keeps computing. Point-to-point sends and receives run
+on two further workers so that a receive waiting for its peer never holds up a send
+(1F1B pipelines send and receive at the same time).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutureTimeout
+from typing import Any, Callable
+
+
+class Handle:
+    """The result of an ``async_op=True`` call: ``wait()`` returns it (or raises its error)."""
+
+    def __init__(self, future: Future, what: str, timeout_s: float | None):
+        self._future, self._what, self._timeout_s = future, what, timeout_s
+
+    def wait(self, timeout: float | None = None) -> Any:
+        limit = self._timeout_s if timeout is None else timeout
+        try:
+            return self._future.result(timeout=limit)
+        except _FutureTimeout:
+            raise TimeoutError(
+                f"{self._what} did not complete within {limit:g} s (a dead or stalled peer?)"
+            ) from None
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        return f"Handle({self._what}, done={self.is_completed()})"
+
+
+class Worker:
+    """One daemon thread running submitted callables strictly in FIFO order.
+
+    A daemon thread (not a ThreadPoolExecutor) so that a receive blocked on a dead peer
+    never keeps the interpreter from exiting; the process group's own timeout still
+    turns such a receive into an error.
+    """
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        if self._closed:
+            raise RuntimeError(f"{self._thread.name}: the communicator is closed")
+        fut: Future = Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # delivered to whoever waits on the handle
+                fut.set_exception(e)
+
+    def close(self, timeout: float | None = None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join(timeout)

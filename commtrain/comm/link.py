@@ -1,0 +1,178 @@
+"""LinkModel: a simulated network link (bandwidth, latency) that delays operations.
+
+The link is one FIFO egress resource per rank: an operation that puts ``nbytes`` on the
+wire in ``rounds`` sequential message rounds costs ``latency * rounds + 8 * nbytes /
+bandwidth`` seconds and cannot start before the previous operation on the link has
+finished::
+
+    completion = max(now, link_free_at) + cost
+
+Communicators of one rank that are given the *same* LinkModel instance share that
+clock, as the data- and pipeline-parallel groups of one process share one NIC.
+
+Units are decimal, as in ``tc``: ``kbit``/``mbit``/``gbit``/``tbit`` are 10^3/6/9/12
+bits per second; ``KB``/``MB``/``GB``/``TB`` (optionally ``/s``) are 10^3.. bytes per
+second and ``KiB``/``MiB``/``GiB`` binary bytes per second.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "links"
+
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BIN_PREFIX = {"ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
+_LAT_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+_NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
+_BW_UNITS_HELP = "bit, kbit, mbit, gbit, tbit (bits/s) or B, KB, MB, GB, TB, KiB, MiB, GiB (bytes/s, '/s' optional)"
+
+
+def parse_bandwidth(text: str | float | int) -> float:
+    """``"100mbit"`` -> 1e8 bits/s; ``"25GB/s"`` -> 2e11 bits/s. Numbers are bits/s."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"bandwidth={text!r} is invalid; allowed: a positive rate")
+        return float(text)
+    m = re.fullmatch(_NUM + r"([A-Za-z]*)(/s)?\s*", str(text))
+    if not m:
+        raise ValueError(f"bandwidth={text!r} is invalid; expected a number with a unit: {_BW_UNITS_HELP}")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit.lower().endswith("bit") and unit.lower()[:-3] in _PREFIX:
+        bps = value * _PREFIX[unit.lower()[:-3]]
+    elif unit.endswith("B") and unit[:-1].lower() in _BIN_PREFIX:
+        bps = 8 * value * _BIN_PREFIX[unit[:-1].lower()]
+    elif unit.endswith("B") and unit[:-1].lower() in _PREFIX:
+        bps = 8 * value * _PREFIX[unit[:-1].lower()]
+    else:
+        # "100mb", "1gbps" are ambiguous (tc reads "mbps" as megaBYTES): refuse them.
+        raise ValueError(f"bandwidth={text!r}: unknown unit {unit!r}; allowed: {_BW_UNITS_HELP}")
+    if bps <= 0:
+        raise ValueError(f"bandwidth={text!r} is invalid; allowed: a positive rate")
+    return bps
+
+
+def parse_latency(text: str | float | int) -> float:
+    """``"50us"`` -> 5e-5 s. Plain numbers are seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = re.fullmatch(_NUM + r"([a-zµ]*)\s*", str(text))
+        if not m or m.group(2) not in _LAT_UNITS:
+            raise ValueError(f"latency={text!r} is invalid; expected a number with a unit: {', '.join(_LAT_UNITS)}")
+        value = float(m.group(1)) * _LAT_UNITS[m.group(2)]
+    if value < 0:
+        raise ValueError(f"latency={text!r} is invalid; allowed: >= 0")
+    return value
+
+
+@dataclass
+class LinkModel:
+    """``bandwidth_bps`` in bits per second (None = unthrottled), ``latency_s`` per message round."""
+
+    bandwidth_bps: float | None = None
+    latency_s: float = 0.0
+    name: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _free_at: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.bandwidth_bps is not None:
+            self.bandwidth_bps = parse_bandwidth(self.bandwidth_bps)
+        self.latency_s = parse_latency(self.latency_s)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str) -> "LinkModel":
+        """``"100mbit"``, ``"1gbit,50us"`` (bandwidth[,latency]) or ``"none"`` (unthrottled)."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"link spec={spec!r} is invalid; expected e.g. '100mbit', '1gbit,50us' or 'none'")
+        if spec.strip().lower() in ("none", "unthrottled", "inf"):
+            return cls(name="unthrottled")
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) > 2:
+            raise ValueError(f"link spec={spec!r} is invalid; expected 'bandwidth[,latency]', e.g. '1gbit,50us'")
+        latency = parse_latency(parts[1]) if len(parts) == 2 else 0.0
+        return cls(parse_bandwidth(parts[0]), latency, name=spec.strip())
+
+    @property
+    def throttled(self) -> bool:
+        return self.bandwidth_bps is not None or self.latency_s > 0
+
+    # -- the cost model ------------------------------------------------------------------
+    def cost_s(self, nbytes: int, rounds: int = 1) -> float:
+        """Seconds the modeled link needs for ``nbytes`` in ``rounds`` message rounds."""
+        t = self.latency_s * rounds
+        if self.bandwidth_bps is not None:
+            t += 8.0 * nbytes / self.bandwidth_bps
+        return t
+
+    def reserve(self, nbytes: int, rounds: int = 1) -> tuple[float, float]:
+        """Book the link for one operation starting now; returns (deadline, cost_s).
+
+        ``deadline`` is a ``time.monotonic()`` instant: the modeled completion, queued
+        behind whatever this link already carries (FIFO).
+        """
+        cost = self.cost_s(nbytes, rounds)
+        now = time.monotonic()
+        if not self.throttled:
+            return now, cost
+        with self._lock:
+            deadline = max(now, self._free_at) + cost
+            self._free_at = deadline
+        return deadline, cost
+
+    @staticmethod
+    def wait_until(deadline: float) -> None:
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def describe(self) -> str:
+        if not self.throttled:
+            return "unthrottled"
+        bw = "inf" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e9:g} Gbit/s"
+        return f"{bw}, {self.latency_s * 1e6:g} us"
+
+
+def available_link_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_link_profile(name: str) -> LinkModel:
+    """A named profile from ``configs/links/<name>.yaml`` (or a path to such a file)."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"link profile {name!r} not found; available: {', '.join(available_link_profiles())} "
+            f"(or a path to a YAML file)"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    if "bandwidth" not in data:
+        raise ValueError(f"link profile {path}: missing 'bandwidth' (e.g. bandwidth: 1gbit)")
+    bw = data["bandwidth"]
+    bandwidth = None if bw is None or str(bw).lower() in ("none", "inf") else parse_bandwidth(bw)
+    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", path.stem)))
+
+
+def resolve_link(link: "LinkModel | str | None") -> LinkModel:
+    """Config helper: a LinkModel, a profile name, a spec such as '100mbit,50us', or None."""
+    if link is None:
+        return LinkModel(name="unthrottled")
+    if isinstance(link, LinkModel):
+        return link
+    if isinstance(link, str) and (PROFILE_DIR / f"{link}.yaml").is_file():
+        return load_link_profile(link)
+    if isinstance(link, str) and link.endswith((".yaml", ".yml")):
+        return load_link_profile(link)
+    try:
+        return LinkModel.parse(link)
+    except ValueError as e:
+        raise ValueError(f"{e}; or a profile name: {', '.join(available_link_profiles())}") from None

@@ -1,0 +1,120 @@
+"""Wire: the single place where bytes are handed to torch.distributed.
+
+Every collective and point-to-point transfer of the communication layer calls one of the
+methods below, each of which (1) books the modeled link, (2) makes the real
+torch.distributed call on uint8 packet bytes (or the summable payload), (3) records in
+the ByteMeter the bytes *this rank* sent and the modeled link seconds, and (4) waits
+until the modeled completion. Byte accounting per operation (p = group size):
+
+==================  ==============================================  ===============
+operation           bytes this rank sends                            message rounds
+==================  ==============================================  ===============
+all_to_all          sum of packet sizes addressed to other ranks    p - 1
+all_gather          (p - 1) * own packet bytes (ring)               p - 1
+all_reduce (ring)   floor(2 (p - 1) / p * payload bytes)            2 (p - 1)
+send                packet bytes                                    1
+==================  ==============================================  ===============
+
+For the ring all-reduce the bytes handed to torch are the whole payload; what a ring
+puts on *this rank's* link is the standard 2(p-1)/p of it, and that is what is metered.
+
+Throttling: collectives run the real operation first and then sleep until the modeled
+completion; a send first waits for its modeled completion and only then sends, so the
+receiver sees the data at the modeled arrival time without sleeping itself.
+
+All-to-all uses ``dist.all_to_all_single`` with split sizes (gloo supports it for uint8
+CPU tensors, uneven and empty splits included, checked on torch 2.13), and all-gather of
+equal-size packets ``dist.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13); unequal packets (ZeRO's shorter last
+shard) go through the same all-to-all, sending the own packet to each peer, so no
+padding byte is ever sent or metered.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .link import LinkModel
+from .meter import ByteMeter
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
+class Wire:
+    def __init__(self, group, link: LinkModel, meter: ByteMeter):
+        self.group, self.link, self.meter = group, link, meter
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def global_rank(self, group_rank: int) -> int:
+        if self.group is None or self.group is dist.group.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def _finish(self, channel: str, nbytes: int, deadline: float, cost: float, device: torch.device) -> None:
+        self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
+        if self.link.throttled:
+            if device.type == "cuda":  # the modeled time starts once the bytes really moved
+                torch.cuda.current_stream(device).synchronize()
+            LinkModel.wait_until(deadline)
+
+    # -- collectives ---------------------------------------------------------------------
+    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], channel: str) -> torch.Tensor:
+        """Exchange uint8 packets: ``send`` is this rank's packets back to back, ``send_splits[j]``
+        bytes for rank j; returns the received bytes, ``recv_splits[i]`` from rank i."""
+        p = self.world_size
+        nbytes = sum(send_splits) - send_splits[self.rank]
+        deadline, cost = self.link.reserve(nbytes, rounds=p - 1)
+        out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
+        dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
+        self._finish(channel, nbytes, deadline, cost, send.device)
+        return out
+
+    def all_gather(self, payload: torch.Tensor, sizes: list[int], channel: str) -> list[torch.Tensor]:
+        """Every rank's uint8 packet (rank i's has ``sizes[i]`` bytes); own entry is ``payload``."""
+        p, r = self.world_size, self.rank
+        if payload.numel() != sizes[r]:
+            raise ValueError(f"all_gather: own packet has {payload.numel()} bytes, sizes[{r}]={sizes[r]}")
+        nbytes = (p - 1) * sizes[r]
+        deadline, cost = self.link.reserve(nbytes, rounds=p - 1)
+        if all(s == sizes[0] for s in sizes):
+            out = torch.empty(p * sizes[0], dtype=torch.uint8, device=payload.device)
+            getattr(dist, ALL_GATHER)(out, payload, group=self.group)
+            parts = list(out.split(sizes))
+        else:
+            send_splits = [0 if j == r else sizes[r] for j in range(p)]
+            recv_splits = [0 if i == r else sizes[i] for i in range(p)]
+            out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=payload.device)
+            dist.all_to_all_single(out, payload.repeat(p - 1), recv_splits, send_splits, group=self.group)
+            parts = list(out.split(recv_splits))
+        parts[r] = payload
+        self._finish(channel, nbytes, deadline, cost, payload.device)
+        return parts
+
+    def all_reduce(self, buf: torch.Tensor, channel: str) -> torch.Tensor:
+        """In-place SUM of a summable payload (in its wire dtype) over the group."""
+        p = self.world_size
+        payload_bytes = buf.numel() * buf.element_size()
+        nbytes = 2 * (p - 1) * payload_bytes // p
+        deadline, cost = self.link.reserve(nbytes, rounds=2 * (p - 1))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        self._finish(channel, nbytes, deadline, cost, buf.device)
+        return buf
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    # -- point to point ------------------------------------------------------------------
+    def send(self, payload: torch.Tensor, dst: int, channel: str) -> None:
+        nbytes = payload.numel()
+        deadline, cost = self.link.reserve(nbytes, rounds=1)
+        if self.link.throttled:
+            LinkModel.wait_until(deadline)  # the sender holds the bytes until the link would deliver them
+        if nbytes:
+            dist.send(payload, self.global_rank(dst), group=self.group)
+        self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
+
+    def recv(self, buf: torch.Tensor, src: int) -> torch.Tensor:
+        if buf.numel():
+            dist.recv(buf, self.global_rank(src), group=self.group)
+        return buf
