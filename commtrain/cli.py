@@ -1,0 +1,84 @@
+"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``.
+
+``torchrun --nproc_per_node=N -m commtrain train --config configs/X.yaml --set a.b=c``
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _train(args) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        # One clear line, before any process group exists.
+        print(f"commtrain: config error: {e}", file=sys.stderr)
+        return 2
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _compare(argv) -> int:
+    from .perfmodel import compare_main
+
+    return compare_main(argv)
+
+
+def _schedule(args) -> int:
+    from .parallel.pipeline.schedules import build_schedule, dry_run, render_grid
+
+    sched = build_schedule(args.schedule, args.pp, args.microbatches)
+    print(render_grid(dry_run(sched)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("COMMTRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "compare":  # its own argparse, owned by the perf model
+        return _compare(argv[1:])
+    parser = argparse.ArgumentParser(prog="commtrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="train / fine-tune (launch with torchrun for several ranks)")
+    p.add_argument("--config", help="YAML config (sections: model, data, train, parallel, compression, zero, link)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=20")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("demo", help="2-rank fine-tuning on a simulated slow link: fp32 vs 4-bit + error feedback")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--link", default="100mbit", help="link profile (configs/links/)")
+    p.add_argument("--codec", default="quant:bits=4,group=128", help="gradient codec to compare with fp32")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.set_defaults(fn=_demo)
+
+    sub.add_parser("compare", help="predict throughput of hardware setups and codecs (see compare --help)")
+
+    p = sub.add_parser("schedule", help="print a pipeline schedule's step x rank grid (dry run)")
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--pp", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.set_defaults(fn=_schedule)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
