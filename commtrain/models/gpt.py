@@ -187,6 +187,11 @@ class GPT(nn.Module):
     def block_size(self) -> int:
         return self.config.block_size
 
+    @property
+    def hidden_size(self) -> int:
+        """Width C of the (B, T, C) activations that cross pipeline stage boundaries."""
+        return self.config.n_embd
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
 

@@ -191,6 +191,11 @@ class HFCausalLM(nn.Module):
         return self._block_size
 
     @property
+    def hidden_size(self) -> int:
+        """Width C of the (B, T, C) activations that cross pipeline stage boundaries."""
+        return int(self.hf.get_input_embeddings().weight.shape[1])
+
+    @property
     def config(self):
         return self.hf.config
 
