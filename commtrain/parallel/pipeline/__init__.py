@@ -1,4 +1,7 @@
 """Pipeline parallelism: schedules as data, the executor, and AC-SGD activation channels."""
+from .acsgd import ActCompression, ActivationChannel, BoundActivation
+from .buffers import ActivationBuffer, available_storages, register_storage
+from .executor import PipelineEngine
 from .schedules import (
     Action,
     DryRun,
@@ -13,6 +16,13 @@ from .schedules import (
 )
 
 __all__ = [
+    "ActCompression",
+    "ActivationBuffer",
+    "ActivationChannel",
+    "BoundActivation",
+    "PipelineEngine",
+    "available_storages",
+    "register_storage",
     "Action",
     "DryRun",
     "PipelineDeadlock",
