@@ -1,0 +1,148 @@
+"""The link model: units, profiles, FIFO cost model, and real timings on gloo ranks."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from commtrain.comm import LinkModel, available_link_profiles, load_link_profile, parse_bandwidth, parse_latency, resolve_link
+from commtrain.compress import build_codec
+
+from dist_utils import run_ranks
+
+
+def test_units():
+    assert parse_bandwidth("100mbit") == 1e8
+    assert parse_bandwidth("1Gbit") == 1e9
+    assert parse_bandwidth("25GB/s") == 8 * 25e9
+    assert parse_bandwidth("1MiB") == 8 * 2**20
+    assert parse_bandwidth("500kbit") == 5e5
+    assert parse_latency("50us") == pytest.approx(5e-5)
+    assert parse_latency("2ms") == pytest.approx(2e-3)
+    assert parse_latency(0.1) == 0.1
+    for bad in ("100mb", "1gbps", "fast", "", "-5mbit", "0gbit"):
+        with pytest.raises(ValueError, match="bandwidth"):
+            parse_bandwidth(bad)
+    for bad in ("5 parsecs", "-1ms", "ms"):
+        with pytest.raises(ValueError, match="latency"):
+            parse_latency(bad)
+    link = LinkModel.parse("1gbit,50us")
+    assert link.bandwidth_bps == 1e9 and link.latency_s == pytest.approx(5e-5)
+    assert not LinkModel.parse("none").throttled
+    with pytest.raises(ValueError, match="link spec"):
+        LinkModel.parse("1gbit,50us,3")
+
+
+def test_profiles():
+    names = available_link_profiles()
+    for need in ("100mbit", "1gbit", "10gbit", "pcie4-consumer", "nvlink-server", "infiniband-hdr"):
+        assert need in names
+    assert load_link_profile("100mbit").bandwidth_bps == 1e8
+    assert load_link_profile("infiniband-hdr").bandwidth_bps == 200e9
+    assert load_link_profile("nvlink-server").bandwidth_bps > load_link_profile("pcie4-consumer").bandwidth_bps
+    assert resolve_link("1gbit").latency_s == load_link_profile("1gbit").latency_s
+    assert resolve_link("3gbit,1ms").bandwidth_bps == 3e9
+    with pytest.raises(ValueError, match="available"):
+        load_link_profile("carrier-pigeon")
+
+
+def test_cost_model_is_fifo():
+    link = LinkModel(1e8, 1e-3)
+    assert link.cost_s(1_000_000, rounds=2) == pytest.approx(0.08 + 0.002)
+    t0 = time.monotonic()
+    d1, c1 = link.reserve(1_000_000)
+    d2, c2 = link.reserve(1_000_000)
+    assert c1 == c2 == pytest.approx(0.081)
+    assert d1 == pytest.approx(t0 + 0.081, abs=0.01) and d2 == pytest.approx(d1 + 0.081)  # queued behind the first
+    free = LinkModel()
+    assert not free.throttled and free.cost_s(10**9) == 0.0
+
+
+def _timed_p2p(rank, world):
+    import torch.distributed as dist
+
+    from commtrain.comm import Communicator
+
+    comm = Communicator(link=LinkModel.parse("100mbit"), timeout_s=30)
+    none = build_codec("none")
+    out = {}
+    # one 8 MB transfer at 100 Mbit/s: 0.64 s from the sender's start to the receiver's data
+    dist.barrier()
+    if rank == 0:
+        out["start"] = time.time()
+        comm.send(torch.zeros(2_000_000), 1, none, channel="act")
+    else:
+        comm.recv((2_000_000,), torch.float32, 0, none, channel="act")
+        out["end"] = time.time()
+    # two async 4 MB sends share the FIFO link: the second lands at ~2x one
+    dist.barrier()
+    if rank == 0:
+        out["start2"] = time.time()
+        hs = [comm.send(torch.zeros(1_000_000), 1, none, channel="act", async_op=True) for _ in range(2)]
+        [h.wait() for h in hs]
+    else:
+        comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
+        out["first"] = time.time()
+        comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
+        out["second"] = time.time()
+    out["meter"] = comm.meter.snapshot()
+    comm.close()
+    return out
+
+
+def test_p2p_takes_the_modeled_time_and_link_is_fifo():
+    a, b = run_ranks(_timed_p2p, 2, timeout=60)
+    assert b["end"] - a["start"] == pytest.approx(0.64, rel=0.10)
+    assert b["first"] - a["start2"] == pytest.approx(0.32, rel=0.15)
+    assert b["second"] - a["start2"] == pytest.approx(0.64, rel=0.10)
+    assert a["meter"]["bytes"]["act"] == 16_000_000 and a["meter"]["modeled_s"]["act"] == pytest.approx(1.28)
+    assert b["meter"]["total_bytes"] == 0  # receivers send nothing
+
+
+class _NonSummable:
+    summable = False
+
+    def __init__(self, spec):
+        self.codec = build_codec(spec)
+
+    def compress(self, x):
+        return self.codec.compress(x)
+
+    def decompress(self, pkt):
+        return self.codec.decompress(pkt)
+
+    def payload_nbytes(self, numel, dtype=torch.float32):
+        return self.codec.payload_nbytes(numel, dtype)
+
+
+def _timed_collectives(rank, world):
+    import torch.distributed as dist
+
+    from commtrain.comm import Communicator
+
+    link = LinkModel.parse("1gbit,1ms")
+    comm = Communicator(link=link, timeout_s=30)
+    x = torch.randn(1_000_000)
+    res = []
+    for codec in (build_codec("none"), _NonSummable("fp16")):
+        dist.barrier()
+        before = comm.meter.snapshot(reset=True)
+        t0 = time.monotonic()
+        comm.all_reduce(x, codec)
+        elapsed = time.monotonic() - t0
+        snap = comm.meter.snapshot()
+        res.append((elapsed, snap["total_modeled_s"], snap["total_bytes"], before["total_bytes"]))
+    comm.close()
+    return res, world
+
+
+def test_collectives_take_at_least_the_modeled_time():
+    for res, world in run_ranks(_timed_collectives, 2, timeout=60):
+        (t_none, m_none, b_none, _), (t_q, m_q, b_q, _) = res
+        # ring all-reduce: 2(p-1)/p * 4 MB and 2(p-1) latency rounds
+        assert b_none == 4_000_000 and m_none == pytest.approx(8 * 4e6 / 1e9 + 2e-3)
+        # fp16 via a2a + all-gather: 2 MB each half, (p-1) rounds each
+        assert b_q == 2_000_000 and m_q == pytest.approx(8 * 2e6 / 1e9 + 2e-3)
+        assert t_none >= m_none and t_q >= m_q
+        assert t_none < m_none + 1.0  # and not absurdly more
