@@ -44,7 +44,7 @@ class RandomK(Sparsifier):
             raise ValueError(f"{self.name}: unbiased={self.unbiased!r} is invalid; allowed: true, false")
 
     def payload_nbytes(self, numel, dtype=None):
-        return 8 + self.num_kept(numel) * self._vdtype.itemsize
+        return 8 + self.num_kept(numel) * self._vdtype.itemsize if numel else 0
 
     def _scale(self, numel, k):
         return numel / k if self.unbiased else 1.0
