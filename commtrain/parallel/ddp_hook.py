@@ -16,12 +16,12 @@ per-layout split is recomputed, and PowerSGD drops state whose shapes changed.
 The collective runs on the Communicator's worker thread; the returned future completes
 from there, so backward keeps computing while the bucket is on the wire.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's return annotation object.
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..compress import build_codec
 from .powersgd import PowerSGDReducer
@@ -143,7 +143,7 @@ def _future_of(handles: list, combine) -> torch.futures.Future:
     return fut
 
 
-def commtrain_hook(state: CommtrainHookState, bucket) -> torch.futures.Future:
+def commtrain_hook(state: CommtrainHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the averaged bucket, compressed per ``state``'s policy."""
     buf = bucket.buffer()
     key = f"bucket{bucket.index()}"
