@@ -9,7 +9,7 @@ from .packet import Packet
 
 # Importing a codec module registers it (one algorithm per small file).
 from . import identity, cast  # noqa: E402,F401
-from . import quant, qsgd, natural, natural_dither, topk, randomk, fp8  # noqa: E402,F401
+from . import quant, qsgd, natural, natural_dither, topk, randomk, fp8, powersgd  # noqa: E402,F401
 from .error_feedback import ErrorFeedback  # noqa: E402
 
 __all__ = [
