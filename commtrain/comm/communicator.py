@@ -12,6 +12,8 @@ make torch.distributed collective calls on the same group from other threads mea
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 
@@ -47,9 +49,15 @@ class Communicator:
         self._coll = Worker(f"commtrain-coll-r{self.rank}")
         self._send = Worker(f"commtrain-send-r{self.rank}")
         self._recv = Worker(f"commtrain-recv-r{self.rank}")
+        self.wait_s = 0.0  # seconds callers spent blocked in wait(): communication not hidden by compute
+        self._wait_lock = threading.Lock()
+
+    def _add_wait(self, seconds: float) -> None:
+        with self._wait_lock:
+            self.wait_s += seconds
 
     def _run(self, worker: Worker, fn, what: str, async_op: bool):
-        handle = Handle(worker.submit(fn), what, self.timeout_s)
+        handle = Handle(worker.submit(fn), what, self.timeout_s, on_wait=self._add_wait)
         return handle if async_op else handle.wait()
 
     def _check(self, codec, channel: str, op: str | None = None) -> None:

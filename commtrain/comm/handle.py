@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from typing import Any, Callable
@@ -20,17 +21,22 @@ from typing import Any, Callable
 class Handle:
     """The result of an ``async_op=True`` call: ``wait()`` returns it (or raises its error)."""
 
-    def __init__(self, future: Future, what: str, timeout_s: float | None):
+    def __init__(self, future: Future, what: str, timeout_s: float | None, on_wait: Callable[[float], None] | None = None):
         self._future, self._what, self._timeout_s = future, what, timeout_s
+        self._on_wait = on_wait
 
     def wait(self, timeout: float | None = None) -> Any:
         limit = self._timeout_s if timeout is None else timeout
+        t0 = time.perf_counter()
         try:
             return self._future.result(timeout=limit)
         except _FutureTimeout:
             raise TimeoutError(
                 f"{self._what} did not complete within {limit:g} s (a dead or stalled peer?)"
             ) from None
+        finally:
+            if self._on_wait is not None:  # time the caller was blocked: the *exposed* communication
+                self._on_wait(time.perf_counter() - t0)
 
     def is_completed(self) -> bool:
         return self._future.done()
