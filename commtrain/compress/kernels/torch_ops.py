@@ -153,21 +153,28 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int, scheme: str, stochasti
     """b-bit quantise ``x`` per group and pack codes + scales into one uint8 payload."""
     n, L = x.numel(), quant_levels(bits)
     xg = _grouped(x, group, "edge")
-    finite = torch.isfinite(xg).all(1, keepdim=True)
     if scheme == "minmax":
-        lo, hi = xg.amin(1, keepdim=True), xg.amax(1, keepdim=True)
+        lo, hi = xg.amin(1, keepdim=True), xg.amax(1, keepdim=True)  # both propagate NaN
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
         lo = torch.where(finite, lo, _NAN)
         step = torch.where(finite, (hi - lo) / L, _NAN)
         scales = torch.cat([lo, step], 1)
     elif scheme == "absmax":
-        amax = torch.where(finite, xg.abs().amax(1, keepdim=True), _NAN)
-        scales = amax
+        amax = xg.abs().amax(1, keepdim=True)
+        finite = torch.isfinite(amax)
+        amax = scales = torch.where(finite, amax, _NAN)
         lo, step = -amax, 2.0 * amax / L
     else:
         raise ValueError(f"quantize_pack: scheme={scheme!r} is invalid; allowed: minmax, absmax")
+    # Constant groups (step 0) and non-finite groups get code 0: dividing by inf gives 0
+    # for finite x, and the NaNs of non-finite x are zeroed below.
     ok = finite & (step > 0)
-    v = torch.where(ok, (xg - lo) / torch.where(ok, step, 1.0), 0.0)
-    v = torch.floor(v + _uniform(v.shape, v, gen)) if stochastic else torch.round(v)
+    v = xg.sub(torch.where(ok, lo, 0.0)).div_(torch.where(ok, step, float("inf")))
+    if stochastic:
+        v.add_(_uniform(v.shape, v, gen)).floor_()
+    else:
+        v.round_()
+    v.nan_to_num_(nan=0.0)
     codes = _ungroup(v.clamp_(0, L).to(torch.uint8), n)
     return torch.cat([pack_bits(codes, bits), to_bytes(scales)])
 
@@ -221,9 +228,9 @@ def level_encode(x: torch.Tensor, levels: int, bucket: int, norm: str, spacing: 
     n, s = x.numel(), levels
     w = level_bits(s) - 1
     xg = _grouped(x, bucket, "zero")
-    finite = torch.isfinite(xg).all(1, keepdim=True)
     a = xg.abs()
     amax = a.amax(1, keepdim=True)
+    finite = torch.isfinite(amax)  # amax propagates NaN and Inf
     ok = finite & (amax > 0)
     y = a / torch.where(ok, amax, 1.0)
     if norm == "2":
@@ -330,8 +337,8 @@ def fp8_encode(x: torch.Tensor, fmt: str, group: int, stochastic: bool, gen) -> 
     dtype, fmax, _, _ = FP8_FORMATS[fmt]
     n = x.numel()
     xg = _grouped(x, group, "zero")
-    finite = torch.isfinite(xg).all(1, keepdim=True)
     scale = xg.abs().amax(1, keepdim=True) / fmax
+    finite = torch.isfinite(scale)  # amax propagates NaN and Inf
     ok = finite & (scale > 0)
     y = torch.where(ok, xg / torch.where(ok, scale, 1.0), 0.0).clamp_(-fmax, fmax)
     if stochastic:
