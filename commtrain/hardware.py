@@ -1,0 +1,209 @@
+"""Hardware and interconnect profiles for the throughput model (``configs/hardware/``).
+
+A *hardware profile* (``configs/hardware/<name>.yaml``) describes one kind of node: GPUs
+per node, their dense peak TFLOP/s per precision, memory, the per-GPU intra-node link
+(bandwidth one direction + latency), the node's inter-node NICs (an *interconnect*
+profile from ``configs/hardware/links/<name>.yaml`` times a port count) and a price per
+hour with its basis. Every figure carries its ``sources`` so that a reader can check it.
+
+Units are those of :mod:`commtrain.comm.link` (``"13GB/s"``, ``"200gbit"``, ``"5us"``), so
+a profile reads like the simulated-link profiles in ``configs/links/``.
+
+>>> hw = load_hardware("rtx3090-pcie"); hw.peak_flops("bf16")
+7.1e13
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .comm.link import parse_bandwidth, parse_latency
+
+HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
+INTERCONNECT_DIR = HARDWARE_DIR / "links"
+PRECISIONS = ("bf16", "fp16", "fp32")
+CATEGORIES = ("consumer", "server")
+# Figures every hardware profile must cite.
+SOURCED_FIGURES = ("tflops", "memory_gb", "intra_node", "inter_node", "price")
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    """A network port type: ``bandwidth_bps`` (bits/s, one direction) and one-way ``latency_s``."""
+
+    name: str
+    bandwidth_bps: float
+    latency_s: float
+    description: str = ""
+    sources: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    gpu: str
+    category: str  # consumer | server
+    gpus_per_node: int
+    tflops: Mapping[str, float | None]  # dense peaks; None = precision not supported
+    memory_gb: float
+    intra_bandwidth_bps: float  # per GPU, one direction
+    intra_latency_s: float
+    inter_link: Interconnect
+    inter_ports: int
+    price_per_hour: float | None  # USD per node-hour
+    price_basis: str
+    sources: Mapping[str, Any]
+    description: str = ""
+
+    @property
+    def inter_bandwidth_bps(self) -> float:
+        """Aggregate NIC bandwidth of one node, bits/s one direction."""
+        return self.inter_link.bandwidth_bps * self.inter_ports
+
+    def precision_used(self, precision: str) -> str:
+        """The precision actually run: bf16 falls back to fp16 where the GPU lacks bf16 (V100)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is invalid; allowed: {', '.join(PRECISIONS)}")
+        if self.tflops.get(precision) is None and precision == "bf16" and self.tflops.get("fp16"):
+            return "fp16"
+        if self.tflops.get(precision) is None:
+            raise ValueError(f"hardware {self.name!r} has no {precision} figure; it supports "
+                             f"{', '.join(k for k, v in self.tflops.items() if v)}")
+        return precision
+
+    def peak_flops(self, precision: str = "bf16") -> float:
+        """Dense peak FLOP/s of one GPU at ``precision`` (see :meth:`precision_used`)."""
+        return float(self.tflops[self.precision_used(precision)]) * 1e12
+
+
+# -- loading ------------------------------------------------------------------------------------
+def available_hardware() -> list[str]:
+    return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
+
+
+def available_interconnects() -> list[str]:
+    return sorted(p.stem for p in INTERCONNECT_DIR.glob("*.yaml"))
+
+
+def _resolve(name: str, directory: Path, kind: str, available) -> Path:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind}={name!r} is invalid; allowed: {', '.join(available())} or a path to a YAML file")
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = directory / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"{kind} {name!r} not found; available: {', '.join(available())} (or a path to a YAML file)")
+    return path
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _field(path: Path, data: Mapping, key: str, what: str):
+    if key not in data or data[key] is None:
+        raise ValueError(f"{path}: missing field {key!r} ({what})")
+    return data[key]
+
+
+def _positive(path: Path, key: str, value, integer: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if ok and integer and int(value) != value:
+        ok = False
+    if not ok:
+        kind = "an integer >= 1" if integer else "a number > 0"
+        raise ValueError(f"{path}: field {key}={value!r} is invalid; allowed: {kind}")
+    return int(value) if integer else float(value)
+
+
+def _parsed(path: Path, key: str, value, parser) -> float:
+    try:
+        return parser(value)
+    except ValueError as e:
+        raise ValueError(f"{path}: field {key}: {e}") from None
+
+
+def load_interconnect(name: str) -> Interconnect:
+    """``configs/hardware/links/<name>.yaml`` (or a path): fields bandwidth, latency, sources."""
+    path = _resolve(name, INTERCONNECT_DIR, "interconnect", available_interconnects)
+    data = _read(path)
+    bw = _parsed(path, "bandwidth", _field(path, data, "bandwidth", "per port, one direction, e.g. 10gbit"),
+                 parse_bandwidth)
+    lat = _parsed(path, "latency", _field(path, data, "latency", "one-way, e.g. 20us"), parse_latency)
+    sources = _field(path, data, "sources", "where the figures come from")
+    for key in ("bandwidth", "latency"):
+        if not isinstance(sources, Mapping) or not sources.get(key):
+            raise ValueError(f"{path}: field sources.{key} is missing; every figure needs a source")
+    return Interconnect(str(data.get("name", path.stem)), bw, lat, str(data.get("description", "")).strip(), sources)
+
+
+def load_hardware(name: str) -> HardwareProfile:
+    """``configs/hardware/<name>.yaml`` (or a path), validated; errors name the file and field."""
+    path = _resolve(name, HARDWARE_DIR, "hardware", available_hardware)
+    d = _read(path)
+    category = _field(path, d, "category", f"one of {', '.join(CATEGORIES)}")
+    if category not in CATEGORIES:
+        raise ValueError(f"{path}: field category={category!r} is invalid; allowed: {', '.join(CATEGORIES)}")
+    gpus = _positive(path, "gpus_per_node", _field(path, d, "gpus_per_node", "GPUs in one node"), integer=True)
+
+    tflops = _field(path, d, "tflops", "dense peak TFLOP/s per precision: bf16, fp16, fp32")
+    if not isinstance(tflops, Mapping):
+        raise ValueError(f"{path}: field tflops must be a mapping of {', '.join(PRECISIONS)} to numbers (or null)")
+    unknown = set(tflops) - set(PRECISIONS)
+    if unknown:
+        raise ValueError(f"{path}: field tflops has unknown key(s) {sorted(unknown)}; allowed: {', '.join(PRECISIONS)}")
+    peaks = {p: (None if tflops.get(p) is None else _positive(path, f"tflops.{p}", tflops[p])) for p in PRECISIONS}
+    if not any(peaks.values()):
+        raise ValueError(f"{path}: field tflops gives no figure; allowed: numbers for {', '.join(PRECISIONS)}")
+    memory = _positive(path, "memory_gb", _field(path, d, "memory_gb", "GPU memory in GB"))
+
+    intra = _field(path, d, "intra_node", "per-GPU link inside a node: bandwidth, latency")
+    if not isinstance(intra, Mapping):
+        raise ValueError(f"{path}: field intra_node must be a mapping with bandwidth and latency")
+    intra_bw = _parsed(path, "intra_node.bandwidth", _field(path, intra, "bandwidth", "intra_node.bandwidth"),
+                       parse_bandwidth)
+    intra_lat = _parsed(path, "intra_node.latency", _field(path, intra, "latency", "intra_node.latency"),
+                        parse_latency)
+
+    inter = _field(path, d, "inter_node", "node NICs: link (a configs/hardware/links profile), ports")
+    if not isinstance(inter, Mapping):
+        raise ValueError(f"{path}: field inter_node must be a mapping with link and ports")
+    try:
+        link = load_interconnect(_field(path, inter, "link", "inter_node.link"))
+    except ValueError as e:
+        raise ValueError(f"{path}: field inter_node.link: {e}") from None
+    ports = _positive(path, "inter_node.ports", inter.get("ports", 1), integer=True)
+
+    price = d.get("price") or {}
+    if not isinstance(price, Mapping):
+        raise ValueError(f"{path}: field price must be a mapping with usd_per_hour and basis")
+    usd = price.get("usd_per_hour")
+    usd = None if usd is None else _positive(path, "price.usd_per_hour", usd)
+    basis = str(price.get("basis", "")).strip()
+    if usd is not None and not basis:
+        raise ValueError(f"{path}: field price.basis is missing (say: cloud on-demand or amortised purchase, and which)")
+
+    sources = _field(path, d, "sources", "a list of sources per figure")
+    if not isinstance(sources, Mapping):
+        raise ValueError(f"{path}: field sources must map each figure to a list of sources")
+    for key in SOURCED_FIGURES:
+        if key == "price" and usd is None:
+            continue
+        if not sources.get(key):
+            raise ValueError(f"{path}: field sources.{key} is missing; every figure needs a source")
+
+    return HardwareProfile(
+        name=str(d.get("name", path.stem)), gpu=str(d.get("gpu", "")), category=category, gpus_per_node=gpus, tflops=peaks,
+        memory_gb=memory, intra_bandwidth_bps=intra_bw, intra_latency_s=intra_lat, inter_link=link,
+        inter_ports=ports, price_per_hour=usd, price_basis=basis, sources=sources,
+        description=str(d.get("description", "")).strip(),
+    )
