@@ -59,33 +59,40 @@ def test_cost_model_is_fifo():
     assert not free.throttled and free.cost_s(10**9) == 0.0
 
 
-def _timed_p2p(rank, world):
+def _timed_p2p(rank, world, tries=3):
     import torch.distributed as dist
 
     from commtrain.comm import Communicator
 
     comm = Communicator(link=LinkModel.parse("100mbit"), timeout_s=30)
     none = build_codec("none")
-    out = {}
-    # one 8 MB transfer at 100 Mbit/s: 0.64 s from the sender's start to the receiver's data
-    dist.barrier()
-    if rank == 0:
-        out["start"] = time.time()
-        comm.send(torch.zeros(2_000_000), 1, none, channel="act")
-    else:
-        comm.recv((2_000_000,), torch.float32, 0, none, channel="act")
-        out["end"] = time.time()
-    # two async 4 MB sends share the FIFO link: the second lands at ~2x one
-    dist.barrier()
-    if rank == 0:
-        out["start2"] = time.time()
-        hs = [comm.send(torch.zeros(1_000_000), 1, none, channel="act", async_op=True) for _ in range(2)]
-        [h.wait() for h in hs]
-    else:
-        comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
-        out["first"] = time.time()
-        comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
-        out["second"] = time.time()
+    big, half = torch.zeros(2_000_000), torch.zeros(1_000_000)
+    out = {"one": [], "first": [], "second": []}
+    # Timings are taken `tries` times; the test uses the best. The sleep makes a transfer
+    # never faster than modeled, so the minimum still checks the bound from below, and it
+    # discounts scheduler delays when other processes load the 2 CPU cores.
+    for _ in range(tries):
+        # one 8 MB transfer at 100 Mbit/s: 0.64 s from the sender's start to the receiver's data
+        dist.barrier()
+        if rank == 0:
+            out["one"].append(time.time())
+            comm.send(big, 1, none, channel="act")
+        else:
+            comm.recv((2_000_000,), torch.float32, 0, none, channel="act")
+            out["one"].append(time.time())
+        # two async 4 MB sends share the FIFO link: the second lands at ~2x one
+        dist.barrier()
+        if rank == 0:
+            t = time.time()
+            hs = [comm.send(half, 1, none, channel="act", async_op=True) for _ in range(2)]
+            [h.wait() for h in hs]
+            out["first"].append(t)
+            out["second"].append(t)
+        else:
+            comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
+            out["first"].append(time.time())
+            comm.recv((1_000_000,), torch.float32, 0, none, channel="act")
+            out["second"].append(time.time())
     out["meter"] = comm.meter.snapshot()
     comm.close()
     return out
@@ -93,10 +100,11 @@ def _timed_p2p(rank, world):
 
 def test_p2p_takes_the_modeled_time_and_link_is_fifo():
     a, b = run_ranks(_timed_p2p, 2, timeout=60)
-    assert b["end"] - a["start"] == pytest.approx(0.64, rel=0.10)
-    assert b["first"] - a["start2"] == pytest.approx(0.32, rel=0.15)
-    assert b["second"] - a["start2"] == pytest.approx(0.64, rel=0.10)
-    assert a["meter"]["bytes"]["act"] == 16_000_000 and a["meter"]["modeled_s"]["act"] == pytest.approx(1.28)
+    best = {k: min(e - s for s, e in zip(a[k], b[k])) for k in ("one", "first", "second")}
+    assert best["one"] == pytest.approx(0.64, rel=0.10), best
+    assert best["first"] == pytest.approx(0.32, rel=0.15), best
+    assert best["second"] == pytest.approx(0.64, rel=0.10), best
+    assert a["meter"]["bytes"]["act"] == 3 * 16_000_000 and a["meter"]["modeled_s"]["act"] == pytest.approx(3 * 1.28)
     assert b["meter"]["total_bytes"] == 0  # receivers send nothing
 
 
