@@ -386,3 +386,15 @@ def test_properties_are_truthful_flags():
     assert r.contractive and not r.unbiased
     assert build_codec("qsgd").unbiased and build_codec("natural").unbiased and build_codec("natural_dither").unbiased
     assert build_codec("fp8:rounding=stochastic").unbiased and build_codec("fp8").contractive
+
+
+def test_unpack_dequantize_add_accumulates():
+    from commtrain.compress.kernels import torch_ops
+
+    x = torch.randn(1001)
+    c = build_codec("quant:bits=5,group=64,scheme=absmax", kernel="torch")
+    pkt = c.compress(x)
+    out = torch.ones(1001)
+    res = torch_ops.unpack_dequantize_add(pkt.payload, 1001, 5, 64, "absmax", out)
+    assert res is out
+    assert torch.equal(out, 1.0 + c.decompress(pkt))
