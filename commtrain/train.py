@@ -50,7 +50,8 @@ def distributed(cfg: Config):
     if created:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            dist.init_process_group(backend, store=_restart_scoped_store(timeout), rank=int(os.environ["RANK"]),
+                                    world_size=world_size, timeout=timeout)
         else:  # a plain `python -m commtrain train`: a group of one
             tmp = tempfile.mkdtemp(prefix="commtrain-pg-")
             dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=0, world_size=world_size, timeout=timeout)
@@ -63,6 +64,23 @@ def distributed(cfg: Config):
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restart_scoped_store(timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys scoped to this torchrun restart attempt.
+
+    After ``torchrun --max-restarts`` restarts a failed group, the store still holds the
+    previous attempt's keys, and gloo would connect to the dead workers' addresses
+    (pytorch/pytorch#135712). A prefix per attempt keeps the attempts apart.
+    """
+    rank = int(os.environ["RANK"])
+    # Under torchrun the agent hosts the store; otherwise (Ray, hand-set env) rank 0 does.
+    is_master = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=is_master, timeout=timeout, wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"commtrain/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -97,6 +115,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault injection for recovery tests: ``COMMTRAIN_FAULT_STEP=k`` kills rank
+    ``COMMTRAIN_FAULT_RANK`` (default 0) right after step k, on torchrun's first attempt only."""
+    at = os.environ.get("COMMTRAIN_FAULT_STEP")
+    if at is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    if step == int(at) and rank == int(os.environ.get("COMMTRAIN_FAULT_RANK", "0")):
+        log.error("COMMTRAIN_FAULT_STEP=%s: killing rank %d after step %d", at, rank, step)
+        os._exit(17)
 
 
 class Trainer:
@@ -190,6 +219,7 @@ class Trainer:
                 self.metrics.log({"event": "eval", "step": done, "eval_loss": self.evaluate()})
             if tc.checkpoint_every and done % tc.checkpoint_every == 0:
                 self.checkpointer.save(done, self.state_dict(done))
+            _maybe_inject_fault(done, self.rank)
         if bar is not None:
             bar.close()
         summary = {"event": "eval", "step": tc.steps, "eval_loss": self.evaluate(), "final": True}
