@@ -17,40 +17,49 @@ def packed_nbytes(n: int, bits: int) -> int:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 1-D uint8 tensor of codes < 2**bits into ceil(n*bits/8) bytes."""
     n = codes.numel()
-    out_n = packed_nbytes(n, bits)
-    if bits == 8:
-        return codes.to(torch.uint8).contiguous()
     codes = codes.to(torch.uint8).reshape(-1)
-    if 8 % bits == 0:
-        # Fast path: a whole number of codes per byte (1, 2, 4 bits).
-        per = 8 // bits
-        pad = (-n) % per
-        if pad:
-            codes = torch.cat([codes, codes.new_zeros(pad)])
-        shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-        return (codes.view(-1, per) << shifts).sum(1, dtype=torch.int32).to(torch.uint8)
-    # General path (3, 5, 6, 7 bits): spread codes into single bits, regroup by 8.
-    bit_idx = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes[:, None] >> bit_idx) & 1).reshape(-1)
-    pad = out_n * 8 - stream.numel()
+    if bits == 8:
+        return codes.contiguous()
+    # 8 codes always fill exactly `bits` bytes: pad to a multiple of 8 codes, pack, trim.
+    pad = (-n) % 8
     if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    return (stream.view(-1, 8) << weights).sum(1, dtype=torch.int32).to(torch.uint8)
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    if 8 % bits == 0:
+        # A whole number of codes per byte (1, 2, 4 bits): OR strided slices, no widening.
+        per = 8 // bits
+        out = codes[0::per].clone()
+        for j in range(1, per):
+            out |= codes[j::per] << (j * bits)
+    else:
+        # 3, 5, 6, 7 bits: gather each run of 8 codes into one 64-bit word (8*bits <= 56
+        # bits), then split the word into its `bits` little-endian bytes.
+        c = codes.view(-1, 8).to(torch.int64)
+        word = c[:, 0].clone()
+        for j in range(1, 8):
+            word |= c[:, j] << (j * bits)
+        shifts = torch.arange(0, 8 * bits, 8, device=codes.device, dtype=torch.int64)
+        out = ((word[:, None] >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: packed_nbytes(n, bits)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` codes as a uint8 tensor."""
     if bits == 8:
         return packed[:n]
+    mask = (1 << bits) - 1
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        mask = (1 << bits) - 1
         return ((packed[:, None] >> shifts) & mask).reshape(-1)[:n]
-    weights = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed[:, None] >> weights) & 1).reshape(-1)[: n * bits]
-    bit_idx = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-    return (stream.view(n, bits) << bit_idx).sum(1, dtype=torch.int32).to(torch.uint8)
+    # Reassemble each group of `bits` bytes into the 64-bit word holding 8 codes.
+    full = packed_nbytes(-(-n // 8) * 8, bits)
+    if packed.numel() < full:
+        packed = torch.cat([packed, packed.new_zeros(full - packed.numel())])
+    b = packed.view(-1, bits).to(torch.int64)
+    word = b[:, 0].clone()
+    for k in range(1, bits):
+        word |= b[:, k] << (8 * k)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
+    return ((word[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)[:n]
 
 
 def to_bytes(t: torch.Tensor) -> torch.Tensor:
