@@ -276,3 +276,24 @@ def test_chunk_bounds():
     assert chunk_bounds(1, 4) == [(0, 1), (1, 1), (1, 1), (1, 1)]
     assert chunk_bounds(0, 2) == [(0, 0), (0, 0)]
     assert chunk_bounds(8, 2) == [(0, 4), (4, 8)]
+
+
+def _stalled_peer(rank, world):
+    from commtrain.comm import Communicator
+
+    comm = Communicator(timeout_s=30)
+    if rank == 1:
+        time.sleep(8)  # alive, connected, but never joins: only a timeout can end rank 0's wait
+        return None
+    t0 = time.monotonic()
+    try:
+        comm.all_reduce(torch.ones(1000), NonSummable("fp16"))
+    except (RuntimeError, TimeoutError) as e:
+        return time.monotonic() - t0, type(e).__name__
+    return "no error"
+
+
+def test_stalled_peer_hits_the_process_group_timeout():
+    res, _ = run_ranks(_stalled_peer, 2, timeout=60, pg_timeout=3)
+    assert res != "no error"
+    assert 2.5 < res[0] < 7.5, res
