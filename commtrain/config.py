@@ -69,6 +69,10 @@ class CompressionConfig:
     error_feedback: bool = True
     warmup_steps: int = 0  # uncompressed steps at the start (all channels)
     min_numel: int = 4096  # gradients smaller than this, and all 1-D ones, go uncompressed
+    # DP gradient buckets: "auto" compresses a bucket only where measured codec time + modeled
+    # compressed link time beats the raw link time (needs a link with a known bandwidth;
+    # otherwise it compresses as configured); "always" compresses every eligible bucket.
+    policy: str = "auto"
     act_delta: bool = True  # AC-SGD: send Q(a - m[id]) rather than Q(a)
     act_buffer: str = "cpu"  # where AC-SGD per-sample buffers live
     act_buffer_dtype: str = "fp32"
@@ -85,6 +89,7 @@ class CompressionConfig:
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"compression.{key}={spec!r}: {e}") from None
         _non_negative(self, "compression", "warmup_steps", "min_numel")
+        _choice("compression.policy", self.policy, ("auto", "always"))
         _choice("compression.act_buffer", self.act_buffer, ("device", "cpu", "mmap"))
         _choice("compression.act_buffer_dtype", self.act_buffer_dtype, ("fp32", "fp16", "int8"))
 

@@ -147,9 +147,17 @@ class Trainer:
             cfg.data, model.vocab_size, hf_tokenizer=getattr(model, "tokenizer", None), block_size=model.block_size
         )
         self._check_same_data()
-        self.sampler = ShardedSampler(
-            len(self.train_ds), tc.batch_size, self.mesh.dp_rank, self.mesh.dp_size, seed=tc.seed
-        )
+        # AC-SGD keeps per-sample buffers per replica: a sample must stay on one replica across
+        # epochs, or it is "unseen" (sent uncompressed) whenever the shuffle moves it. So with
+        # delta compression and dp > 1, replica r owns ids = r (mod dp) and shuffles only those.
+        cc0 = cfg.compression
+        self._replica_shard = pc.pp > 1 and self.mesh.dp_size > 1 and cc0.act_delta and cc0.act != "none"
+        if self._replica_shard:
+            self.sampler = ShardedSampler(len(self.train_ds) // self.mesh.dp_size, tc.batch_size, 0, 1, seed=tc.seed)
+        else:
+            self.sampler = ShardedSampler(
+                len(self.train_ds), tc.batch_size, self.mesh.dp_rank, self.mesh.dp_size, seed=tc.seed
+            )
 
         # One meter and one link per process: DP and PP traffic share the NIC.
         self.meter = ByteMeter()
@@ -189,7 +197,7 @@ class Trainer:
                 named, self.dp_comm,
                 ReduceConfig(
                     codec=cc.grad, error_feedback=cc.error_feedback, warmup_steps=cc.warmup_steps,
-                    min_numel=cc.min_numel, bucket_mb=pc.bucket_mb,
+                    min_numel=cc.min_numel, bucket_mb=pc.bucket_mb, policy=cc.policy,
                     # Pipelines accumulate over microbatches: reduce once, after the last one.
                     overlap=pc.overlap and self.pipeline is None,
                 ),
@@ -294,7 +302,10 @@ class Trainer:
     def _batch(self, step: int):
         # The batch is a pure function of (seed, step, dp rank): resuming at step k sees
         # exactly the batches the uninterrupted run saw.
-        ids, x, y = self.train_ds.batch(self.sampler.rank_batch(step))
+        ids = self.sampler.rank_batch(step)
+        if self._replica_shard:  # local index j of replica r -> dataset id j * dp + r
+            ids = self.train_ds.first_id + ids * self.mesh.dp_size + self.mesh.dp_rank
+        ids, x, y = self.train_ds.batch(ids)
         return ids, x.to(self.device), y.to(self.device)
 
     def _check_same_data(self) -> None:

@@ -240,3 +240,75 @@ def test_powersgd_dp_trains_and_replicas_identical(dp_runs):
     expected = 4 * ((64 * 2 + 64 * 2) + (16 * 2 + 64 * 2) + (64 + 64 + 4 + 4 * 64))
     assert out[0]["step_bytes"] == expected
     assert "powersgd:rank=2" in set(out[0]["codecs"].values())
+
+
+# -- compression.policy: "auto" prices each bucket on the link, "always" compresses ---------
+POLICY_RUNS = {
+    # name: (link, codec, policy)
+    "fast_auto": ("1000gbit", "quant:bits=4", "auto"),     # raw 16 KB takes ~0.1 us: never pays
+    "fast_always": ("1000gbit", "quant:bits=4", "always"),
+    "slow_auto": ("1mbit", "quant:bits=4", "auto"),        # raw 16 KB takes ~130 ms: always pays
+    "slow_auto_powersgd": ("1mbit", "powersgd:rank=2", "auto"),
+    "unknown_bw_auto": (None, "quant:bits=4", "auto"),     # no bandwidth: compress as configured
+}
+
+
+def _policy_worker(rank, world):
+    from commtrain.comm import Communicator, LinkModel
+
+    out = {}
+    for name, (link, codec, policy) in POLICY_RUNS.items():
+        model = make_model()
+        comm = Communicator(link=LinkModel.parse(link) if link else None, timeout_s=60)
+        red = GradReducer(model.named_parameters(), comm,
+                          ReduceConfig(codec=codec, policy=policy, min_numel=512, bucket_mb=0.006))
+        x, y = batch(0)
+        red.begin_step(0)
+        loss_fn(model, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
+        red.finish()
+        out[name] = dict(report=red.policy_report, codecs=dict(red.bucket_codecs), bytes=comm.meter.bytes["grad"],
+                         raw_bytes=sum(b.numel * 4 for b in red.buckets),
+                         compressible={b.key for b in red.buckets if b.compress})
+        red.close()
+        comm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy_runs():
+    ranks = run_ranks(_policy_worker, 2, timeout=120)
+    return {name: [r[name] for r in ranks] for name in ranks[0]}
+
+
+def test_policy_auto_decisions_agree_across_ranks(policy_runs):
+    for name in ("fast_auto", "slow_auto", "slow_auto_powersgd"):
+        r0, r1 = (o["report"] for o in policy_runs[name])
+        assert r0 and len(r0) == len(policy_runs[name][0]["compressible"])
+        # The measured codec times are the group's max, so the inputs (not just the outcome) agree.
+        assert r0 == r1, name
+        assert policy_runs[name][0]["codecs"] == policy_runs[name][1]["codecs"]
+
+
+def test_policy_auto_fast_link_sends_raw(policy_runs):
+    o = policy_runs["fast_auto"][0]
+    assert not any(r["compress"] for r in o["report"])
+    assert all(r["codec_s"] > r["raw_s"] for r in o["report"])
+    assert set(o["codecs"].values()) == {"none"}
+    assert o["bytes"] == o["raw_bytes"]  # ring, p=2: each rank sends the payload once
+
+
+def test_policy_auto_slow_link_compresses(policy_runs):
+    for name, spec in (("slow_auto", "quant:bits=4"), ("slow_auto_powersgd", "powersgd:rank=2")):
+        o = policy_runs[name][0]
+        assert all(r["compress"] for r in o["report"]), o["report"]
+        assert all(r["compressed_s"] < r["raw_s"] / 2 for r in o["report"])
+        assert {o["codecs"][k] for k in o["compressible"]} == {spec}
+        assert o["bytes"] < o["raw_bytes"] / 2
+
+
+def test_policy_always_and_unknown_bandwidth_compress(policy_runs):
+    for name in ("fast_always", "unknown_bw_auto"):
+        o = policy_runs[name][0]
+        assert o["report"] == []  # no decision taken
+        assert {o["codecs"][k] for k in o["compressible"]} == {"quant:bits=4"}
+        assert o["bytes"] < o["raw_bytes"] / 2
