@@ -39,11 +39,12 @@ def _compare(argv) -> int:
 
 
 def _schedule(args) -> int:
-    from .parallel.pipeline.schedules import build_schedule, dry_run, render_grid
+    from .parallel.pipeline.schedules import build_schedule, dry_run
 
-    sched = build_schedule(args.schedule, args.pp, args.microbatches)
-    print(render_grid(dry_run(sched)))
-    return 0
+    run = dry_run(build_schedule(args.schedule, args.pp, args.microbatches), check=False)
+    print(run.report())
+    print(f"bubble: {run.bubble_fraction():.1%} of stage-steps idle (unit-time actions)")
+    return 0 if run.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
