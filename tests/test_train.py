@@ -100,3 +100,16 @@ def test_pp2_dp2_all_channels_compressed_resumes(tmp_path):
     assert r.returncode != 0
     run(tmp_path / "cut", 4, *sets)
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_hf_checkpoint_fine_tunes_in_a_pipeline(tmp_path):
+    """A local Hugging Face checkpoint (made here, nothing downloaded), split into 2 stages."""
+    from test_models import _save_tiny
+
+    ckpt, _, _ = _save_tiny(tmp_path, "llama")
+    run(tmp_path / "run", 2, f"model.hf_path={ckpt}", "data.tokenizer=hf", "data.max_bytes=30000",
+        "train.seq_len=32", "parallel.pp=2", "parallel.microbatches=2",
+        "compression.act=quant:bits=4,group=32", "compression.act_grad=quant:bits=8,group=32",
+        env={"HF_HUB_OFFLINE": "1"})
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 6 and ls[-1] < ls[0]
