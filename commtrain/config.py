@@ -126,7 +126,12 @@ class LinkConfig:
             return load_link_profile(self.profile)
         if self.bandwidth is None and self.latency is None:
             return None
-        return LinkModel.parse(self.bandwidth, self.latency or "0s")
+        # LinkModel.parse takes one "bandwidth[,latency]" spec; a latency-only link has no bandwidth cap.
+        if self.bandwidth is None:
+            from .comm.link import parse_latency
+
+            return LinkModel(None, parse_latency(self.latency), name=f"latency {self.latency}")
+        return LinkModel.parse(f"{self.bandwidth},{self.latency or '0s'}")
 
 
 @dataclass
