@@ -35,7 +35,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -76,7 +77,7 @@ class Checkpointer:
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(part, shard)
-        entry = {"file": shard.name, "sha256": _sha256(shard), "bytes": shard.stat().st_size}
+        entry = {"file": shard.name, "sha256": sha256_file(shard), "bytes": shard.stat().st_size}
         entries = self._gather(entry)
         if self.rank == 0:
             manifest = {"step": step, "world_size": self.world_size, "shards": entries}
@@ -120,7 +121,7 @@ class Checkpointer:
             return None, f"shard {shard} missing"
         if shard.stat().st_size != entry["bytes"]:
             return None, f"shard {shard} is truncated ({shard.stat().st_size} of {entry['bytes']} bytes)"
-        if _sha256(shard) != entry["sha256"]:
+        if sha256_file(shard) != entry["sha256"]:
             return None, f"shard {shard} fails its SHA-256 check (corrupt)"
         try:
             return torch.load(shard, map_location="cpu", weights_only=True), None

@@ -19,6 +19,10 @@ import socket
 import time
 import traceback
 
+import torch
+
+from commtrain.compress import build_codec
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -84,3 +88,21 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, pg_timeout: floa
                 p.kill()
                 p.join(5)
     return [outs[r] for r in range(world_size)]
+
+
+class NonSummable:
+    """Duck-typed codec forcing the reduce-scatter/all-gather path (hides ``summable``)."""
+
+    summable = False
+
+    def __init__(self, spec):
+        self.codec = build_codec(spec)
+
+    def compress(self, x):
+        return self.codec.compress(x)
+
+    def decompress(self, pkt):
+        return self.codec.decompress(pkt)
+
+    def payload_nbytes(self, numel, dtype=torch.float32):
+        return self.codec.payload_nbytes(numel, dtype)

@@ -15,27 +15,9 @@ from commtrain.comm import CHANNELS, ByteMeter, Handle
 from commtrain.comm.collectives import chunk_bounds
 from commtrain.compress import available_codecs, build_codec
 
-from dist_utils import run_ranks
+from dist_utils import NonSummable, run_ranks
 
 SIZES = (1, 7, 1003)
-
-
-class NonSummable:
-    """Duck-typed codec forcing the reduce-scatter/all-gather path (hides ``summable``)."""
-
-    summable = False
-
-    def __init__(self, spec):
-        self.codec = build_codec(spec)
-
-    def compress(self, x):
-        return self.codec.compress(x)
-
-    def decompress(self, pkt):
-        return self.codec.decompress(pkt)
-
-    def payload_nbytes(self, numel, dtype=torch.float32):
-        return self.codec.payload_nbytes(numel, dtype)
 
 
 class KeyRecorder(NonSummable):

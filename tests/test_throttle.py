@@ -9,7 +9,7 @@ import torch
 from commtrain.comm import LinkModel, available_link_profiles, load_link_profile, parse_bandwidth, parse_latency, resolve_link
 from commtrain.compress import build_codec
 
-from dist_utils import run_ranks
+from dist_utils import NonSummable, run_ranks
 
 
 def test_units():
@@ -108,20 +108,6 @@ def test_p2p_takes_the_modeled_time_and_link_is_fifo():
     assert b["meter"]["total_bytes"] == 0  # receivers send nothing
 
 
-class _NonSummable:
-    summable = False
-
-    def __init__(self, spec):
-        self.codec = build_codec(spec)
-
-    def compress(self, x):
-        return self.codec.compress(x)
-
-    def decompress(self, pkt):
-        return self.codec.decompress(pkt)
-
-    def payload_nbytes(self, numel, dtype=torch.float32):
-        return self.codec.payload_nbytes(numel, dtype)
 
 
 def _timed_collectives(rank, world):
@@ -133,7 +119,7 @@ def _timed_collectives(rank, world):
     comm = Communicator(link=link, timeout_s=30)
     x = torch.randn(1_000_000)
     res = []
-    for codec in (build_codec("none"), _NonSummable("fp16")):
+    for codec in (build_codec("none"), NonSummable("fp16")):
         dist.barrier()
         before = comm.meter.snapshot(reset=True)
         t0 = time.monotonic()

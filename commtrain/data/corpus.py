@@ -16,7 +16,9 @@ import sysconfig
 from pathlib import Path
 from typing import Callable
 
-_SOURCES: dict[str, Callable[..., str]] = {}
+from ..registry import Registry
+
+_SOURCES: Registry[Callable[..., str]] = Registry("data source")
 
 # Directories of the stdlib that are not the library itself (third-party packages, the
 # regression-test suite) or are bulky generated data.
@@ -25,24 +27,12 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def register_source(name: str):
-    def deco(fn):
-        if name in _SOURCES:
-            raise ValueError(f"data source {name!r} registered twice")
-        _SOURCES[name] = fn
-        return fn
-
-    return deco
-
-
-def available_sources() -> list[str]:
-    return sorted(_SOURCES)
+register_source = _SOURCES.register
+available_sources = _SOURCES.names
 
 
 def load_text(source: str, path=None, max_bytes: int | None = None, text_field: str = "text") -> str:
-    if source not in _SOURCES:
-        raise ValueError(f"data.source={source!r} is invalid; allowed: {', '.join(available_sources())}")
-    text = _SOURCES[source](path=path, text_field=text_field, max_bytes=max_bytes)
+    text = _SOURCES.get(source, "data.source")(path=path, text_field=text_field, max_bytes=max_bytes)
     if max_bytes is not None:
         # Cap in bytes (what the byte tokenizer sees); a cut multi-byte char is replaced.
         raw = text.encode("utf-8")

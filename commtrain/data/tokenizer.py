@@ -14,28 +14,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-_TOKENIZERS: dict[str, Callable[..., "object"]] = {}
+from ..registry import Registry
+
+_TOKENIZERS: Registry[Callable[..., "object"]] = Registry("tokenizer")
 _CHUNK = 1 << 16  # characters per encode_batch item (split at newlines)
 
 
-def register_tokenizer(name: str):
-    def deco(fn):
-        if name in _TOKENIZERS:
-            raise ValueError(f"tokenizer {name!r} registered twice")
-        _TOKENIZERS[name] = fn
-        return fn
-
-    return deco
-
-
-def available_tokenizers() -> list[str]:
-    return sorted(_TOKENIZERS)
+register_tokenizer = _TOKENIZERS.register
+available_tokenizers = _TOKENIZERS.names
 
 
 def build_tokenizer(name: str, text: str, **kw):
-    if name not in _TOKENIZERS:
-        raise ValueError(f"data.tokenizer={name!r} is invalid; allowed: {', '.join(available_tokenizers())}")
-    return _TOKENIZERS[name](text=text, **kw)
+    return _TOKENIZERS.get(name, "data.tokenizer")(text=text, **kw)
 
 
 def default_cache_dir() -> Path:

@@ -91,7 +91,6 @@ def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # * Non-finite inputs: a group holding any NaN/Inf gets NaN as its per-group scalar, and its
 #   codes are written as 0, so the whole group decodes as NaN; other groups are unaffected.
 # =========================================================================================
-import math as _math
 
 _NAN = float("nan")
 

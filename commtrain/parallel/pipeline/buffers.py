@@ -19,7 +19,6 @@ to rows that a pending prefetch covers invalidates it (the prefetched copy would
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -30,20 +29,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ...checkpoint import sha256_file
+from ...registry import Registry
+
 # -- storage kinds: where the rows live ---------------------------------------------------
-_STORAGES: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def register_storage(name: str):
-    """Decorator: ``alloc(shape, dtype, device, path) -> (zero-filled Tensor, flush() or None)``."""
-
-    def deco(fn):
-        if name in _STORAGES:
-            raise ValueError(f"buffer storage {name!r} registered twice")
-        _STORAGES[name] = fn
-        return fn
-
-    return deco
+# ``alloc(shape, dtype, device, path) -> (zero-filled Tensor, flush() or None)``, by name.
+_STORAGES: Registry[Callable[..., torch.Tensor]] = Registry("buffer storage")
+register_storage = _STORAGES.register
+available_storages = _STORAGES.names
 
 
 @register_storage("device")
@@ -68,10 +61,6 @@ def _alloc_mmap(shape, dtype, device, path):
     # mode w+ creates (or truncates) a zero-filled file; torch.from_numpy shares its memory.
     arr = np.memmap(path, dtype=_NP[dtype], mode="w+", shape=tuple(shape))
     return torch.from_numpy(arr), arr.flush
-
-
-def available_storages() -> list[str]:
-    return sorted(_STORAGES)
 
 
 # -- stored precision: how a float32 row is rounded into storage ---------------------------
@@ -125,18 +114,17 @@ class ActivationBuffer:
     ):
         if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
             raise ValueError(f"n_samples={n_samples!r} is invalid; allowed: an integer >= 1 (the dataset size)")
-        if storage not in _STORAGES:
-            raise ValueError(f"act_buffer={storage!r} is invalid; allowed: {', '.join(available_storages())}")
+        alloc = _STORAGES.get(storage, "act_buffer")
         if dtype not in PRECISIONS:
             raise ValueError(f"act_buffer_dtype={dtype!r} is invalid; allowed: {', '.join(PRECISIONS)}")
         self.n_samples, self.row_shape = n_samples, tuple(int(d) for d in row_shape)
         self.storage, self.dtype, self.device, self.path = storage, dtype, torch.device(device), path
         prec = PRECISIONS[dtype]
-        self.data, f1 = _STORAGES[storage]((n_samples, *self.row_shape), prec.data_dtype, self.device, path)
+        self.data, f1 = alloc((n_samples, *self.row_shape), prec.data_dtype, self.device, path)
         self.scale, f2 = None, None
         if prec.has_scale:
             spath = None if path is None else path + ".scale"
-            self.scale, f2 = _STORAGES[storage]((n_samples, *self.row_shape[:-1]), torch.float32, self.device, spath)
+            self.scale, f2 = alloc((n_samples, *self.row_shape[:-1]), torch.float32, self.device, spath)
         self._flushers = [f for f in (f1, f2) if f is not None]
         # Which ids have a row. Kept on the CPU: the send/compress decision is made there.
         self._seen = torch.zeros(n_samples, dtype=torch.bool)
@@ -256,7 +244,7 @@ class ActivationBuffer:
         for k, src in self._files().items():
             dst = f"{src}.{snapshot}"
             shutil.copyfile(src, dst)
-            files[k] = {"path": dst, "sha256": _sha256(dst)}
+            files[k] = {"path": dst, "sha256": sha256_file(dst)}
         state["files"] = files
         return state
 
@@ -275,7 +263,7 @@ class ActivationBuffer:
                 f = state["files"][k]
                 if not os.path.exists(f["path"]):
                     raise ValueError(f"act buffer snapshot {f['path']!r} is missing")
-                if _sha256(f["path"]) != f["sha256"]:
+                if sha256_file(f["path"]) != f["sha256"]:
                     raise ValueError(f"act buffer snapshot {f['path']!r} fails its sha256 check (changed since saved)")
                 arr = np.fromfile(f["path"], dtype=_NP[t.dtype]).reshape(tuple(t.shape))
                 t.copy_(torch.from_numpy(arr))
@@ -287,9 +275,3 @@ class ActivationBuffer:
             self._pool.shutdown(wait=True)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ...registry import Registry
+
 KINDS = ("F", "B")
 
 
@@ -45,23 +47,10 @@ class Action:
 
 Schedule = dict[int, list[Action]]
 
-_SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {}
-
-
-def register_schedule(name: str):
-    """Function decorator: make a schedule builder ``fn(n_stages, n_micro) -> Schedule`` buildable by name."""
-
-    def deco(fn):
-        if name in _SCHEDULES:
-            raise ValueError(f"schedule {name!r} registered twice")
-        _SCHEDULES[name] = fn
-        return fn
-
-    return deco
-
-
-def available_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+# Schedule builders ``fn(n_stages, n_micro) -> Schedule``, registered by name.
+_SCHEDULES: Registry[Callable[[int, int], Schedule]] = Registry("schedule")
+register_schedule = _SCHEDULES.register
+available_schedules = _SCHEDULES.names
 
 
 def _check_sizes(n_stages: int, n_micro: int) -> None:
@@ -72,10 +61,9 @@ def _check_sizes(n_stages: int, n_micro: int) -> None:
 
 def build_schedule(name: str, n_stages: int, n_micro: int) -> Schedule:
     """Build the registered schedule ``name``, validated."""
-    if name not in _SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(available_schedules())}")
+    builder = _SCHEDULES.get(name)
     _check_sizes(n_stages, n_micro)
-    sched = _SCHEDULES[name](n_stages, n_micro)
+    sched = builder(n_stages, n_micro)
     validate(sched, n_stages, n_micro)
     return sched
 
