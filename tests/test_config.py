@@ -76,3 +76,12 @@ def test_cli_exits_nonzero_with_one_line_before_training(override, needle, tmp_p
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_explicit_bandwidth_and_latency_build_a_link():
+    link = load_config(TINY, ["link.bandwidth=300mbit", "link.latency=2ms"]).validate(world_size=1).link.build()
+    assert link.bandwidth_bps == pytest.approx(3e8) and link.latency_s == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match="either link.profile"):
+        load_config(TINY, ["link.profile=1gbit", "link.bandwidth=1gbit"]).validate(world_size=1)
+    with pytest.raises(ConfigError, match="300mb"):
+        load_config(TINY, ["link.bandwidth=300mb"]).validate(world_size=1)
