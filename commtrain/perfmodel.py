@@ -47,6 +47,17 @@ the slowest stage's per-microbatch compute (and p2p, added or overlapped), i.e. 
 fraction of ``(pp - 1) / (m + pp - 1)``, then the gradient reduction (the reducer runs after
 the flush). ZeRO reduces after backward and gathers after the optimizer step (no overlap).
 Overlap never makes a prediction slower.
+
+**Codec compute.** On a GPU the codec kernels are cheap next to the link; on a CPU they are
+not (4-bit quantization with error feedback encodes at ~0.1-0.2 GB/s on one core). Given
+``codec_speed`` (measured per codec with :func:`measure_codec_speed`), every bucket's
+operation on the reducer's worker thread is the sequence the collectives run: encode the
+chunks for the peers, all-to-all on the link, decode + sum + encode the own reduced chunk,
+all-gather on the link, decode all chunks (summable codecs: encode, ring, decode). With
+``codec_shares_compute`` the codec and the model compete for the same processor (a CPU
+rank with one core, or codec kernels on the compute stream): while both are busy each runs
+at half speed, simulated event by event. ``optimizer_s`` is the part of the measured compute
+that only starts once every gradient is reduced (the optimizer step).
 """
 from __future__ import annotations
 
@@ -85,6 +96,136 @@ def _check_pos(name: str, v, hi: float | None = None) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or (hi is not None and v > hi):
         raise ValueError(f"{name}={v!r} is invalid; allowed: a number > 0" + (f" and <= {hi}" if hi else ""))
     return float(v)
+
+
+# -- codec compute cost ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CodecSpeed:
+    """Measured compress/decompress speed of one codec, in GB/s of *input* (uncompressed)
+    bytes, on the processor that runs it. ``encode_gbps`` includes error feedback (residual
+    add, compress, decompress, subtract) where the trainer uses it."""
+
+    encode_gbps: float
+    decode_gbps: float
+
+    def __post_init__(self):
+        _check_pos("encode_gbps", self.encode_gbps)
+        _check_pos("decode_gbps", self.decode_gbps)
+
+    def encode_s(self, nbytes: int) -> float:
+        return nbytes / (self.encode_gbps * 1e9)
+
+    def decode_s(self, nbytes: int) -> float:
+        return nbytes / (self.decode_gbps * 1e9)
+
+
+def measure_codec_speed(spec: str, numel: int = 1 << 19, error_feedback: bool = True, repeats: int = 5,
+                        dtype: torch.dtype = torch.float32) -> CodecSpeed:
+    """Time ``spec``'s compress (wrapped in error feedback if ``error_feedback`` and the codec is
+    lossy, as the reducer wraps it) and decompress on a gradient-like tensor of ``numel``
+    elements in this process (median of ``repeats`` after one warm-up). Measure with the
+    thread count the ranks use (torchrun: ``OMP_NUM_THREADS=1``)."""
+    import time
+
+    from .compress import ErrorFeedback
+
+    _check_int("numel", numel, 1)
+    _check_int("repeats", repeats, 1)
+    codec = build_codec(spec)
+    enc = ErrorFeedback(codec) if error_feedback and not getattr(codec, "lossless", False) else codec
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(numel, generator=gen, dtype=torch.float32).to(dtype) * 1e-3
+    enc_t, dec_t = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        pkt = C.compress(enc, x, "calibration", "x")
+        t1 = time.perf_counter()
+        C.decompress(enc, pkt.payload, x.shape, dtype)
+        t2 = time.perf_counter()
+        if i:  # the first round pays allocation and residual creation once
+            enc_t.append(t1 - t0)
+            dec_t.append(t2 - t1)
+    nbytes = numel * x.element_size()
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return CodecSpeed(nbytes / max(med(enc_t), 1e-9) / 1e9, nbytes / max(med(dec_t), 1e-9) / 1e9)
+
+
+def _codec_segments(kind: str, g_size: int, numel: int, itemsize: int, speed: CodecSpeed | None) -> list[float]:
+    """CPU seconds of the codec work around the link operations of one all-reduce on the
+    slowest rank, in order: summable/own collective [encode, decode]; compressed
+    [encode peers' chunks, decode received + encode own reduced chunk, decode all chunks]."""
+    if speed is None or g_size == 1 or numel == 0:
+        return [0.0] * (2 if kind != "compressed" else 3)
+    if kind != "compressed":
+        return [speed.encode_s(numel * itemsize), speed.decode_s(numel * itemsize)]
+    bounds = chunk_bounds(numel, g_size)
+    worst = [0.0, 0.0, 0.0]
+    for r, (lo, hi) in enumerate(bounds):
+        own = (hi - lo) * itemsize
+        seg = [speed.encode_s(numel * itemsize - own), speed.decode_s((g_size - 1) * own) + speed.encode_s(own),
+               speed.decode_s(numel * itemsize)]
+        if sum(seg) > sum(worst):
+            worst = seg
+    return worst
+
+
+def _interleave(cpu: list[float], link: list[float]) -> list[tuple[str, float]]:
+    """[cpu0, link0, cpu1, link1, ..., cpuN]: the worker's segments for one bucket."""
+    out = []
+    for i, c in enumerate(cpu):
+        out.append(("cpu", c))
+        if i < len(link):
+            out.append(("link", link[i]))
+    return out
+
+
+def simulate_overlap(pre_s: float, backward_s: float, ready: Sequence[float],
+                     buckets: Sequence[Sequence[tuple[str, float]]], optimizer_s: float = 0.0,
+                     shared: bool = False) -> float:
+    """Step time of one data-parallel rank with overlapped reduction.
+
+    The main thread computes ``pre_s`` (forward and earlier microbatches) then ``backward_s``;
+    bucket ``i`` is ready once a fraction ``ready[i]`` of that backward is done. One worker
+    takes buckets in order, each a list of ``("cpu", s)`` / ``("link", s)`` segments (the
+    link is FIFO and used by this worker only). The optimizer runs after both finish. With
+    ``shared``, main and worker CPU segments share one processor (each at half speed while
+    both are busy); link segments only wait.
+    """
+    total = pre_s + backward_s
+    marks = [pre_s + backward_s * f for f in ready]
+    t = done = 0.0
+    k, seg, left = 0, 0, None  # worker: bucket, segment, seconds of work left in it
+    eps = 1e-12
+    while True:
+        main_busy = done < total - eps
+        if left is None and k < len(buckets) and (marks[k] <= done + eps or not main_busy):
+            seg, left = 0, buckets[k][0][1]
+        worker_cpu = left is not None and buckets[k][seg][0] == "cpu"
+        if not main_busy and left is None and k >= len(buckets):
+            return t + optimizer_s
+        both = shared and main_busy and worker_cpu
+        r_main = 0.5 if both else 1.0
+        r_work = (0.5 if both else 1.0) if worker_cpu else 1.0
+        dts = []
+        if main_busy:
+            nxt = total
+            if left is None and k < len(buckets):
+                nxt = min(nxt, marks[k])
+            dts.append((nxt - done) / r_main)
+        if left is not None:
+            dts.append(left / r_work)
+        dt = max(min(dts), 0.0)
+        t += dt
+        if main_busy:
+            done = min(total, done + dt * r_main)
+        if left is not None:
+            left -= dt * r_work
+            if left <= eps:
+                seg += 1
+                if seg < len(buckets[k]):
+                    left = buckets[k][seg][1]
+                else:
+                    k, left = k + 1, None
 
 
 # -- the model's shape --------------------------------------------------------------------------
@@ -415,6 +556,9 @@ def predict_step(
     grad_dtype: torch.dtype = torch.float32,
     act_dtype: torch.dtype = torch.float32,
     balance: str = "layers",
+    codec_speed: Mapping[str, CodecSpeed] | None = None,
+    codec_shares_compute: bool = False,
+    optimizer_s: float = 0.0,
 ) -> Prediction:
     """Predict one training step; see the module docstring for the formulas.
 
@@ -424,6 +568,12 @@ def predict_step(
     the throttled trainer) or ``hardware`` (+ ``nodes``, ``interconnect`` overriding its NIC
     profile). ``compute_s_measured`` (seconds of one step's compute on one rank, no
     communication) replaces the FLOP-based compute time.
+
+    ``codec_speed``: measured codec speeds keyed by codec spec (``"none"``, ``"fp16"``,
+    ``"quant:bits=4,group=128"``, ...; see :func:`measure_codec_speed`): the gradient codec
+    work is then part of every bucket's reduction, and with ``codec_shares_compute`` it also
+    slows the compute it overlaps with. ``optimizer_s``: seconds of the compute (included in
+    ``compute_s_measured``) that run after the reduction (the optimizer step).
     """
     _check_int("global_batch", global_batch, 1)
     _check_int("pp", pp, 1)
@@ -441,6 +591,12 @@ def predict_step(
                          f"{dp} * {microbatches}")
     if compute_s_measured is not None:
         _check_pos("compute_s_measured", compute_s_measured)
+    if isinstance(optimizer_s, bool) or not isinstance(optimizer_s, (int, float)) or optimizer_s < 0:
+        raise ValueError(f"optimizer_s={optimizer_s!r} is invalid; allowed: a number >= 0")
+    if codec_speed is not None:
+        if not isinstance(codec_speed, Mapping) or not all(isinstance(v, CodecSpeed) for v in codec_speed.values()):
+            raise TypeError(f"codec_speed={codec_speed!r} is invalid; allowed: a mapping codec spec -> CodecSpeed")
+        codec_speed = {build_codec(k).spec: v for k, v in codec_speed.items()}
     if (link is None) == (hardware is None):
         raise ValueError("give exactly one of link= (one simulated link per rank) or hardware= (a profile in "
                          f"configs/hardware: {', '.join(available_hardware())})")
@@ -481,6 +637,15 @@ def predict_step(
         rate = hw.peak_flops(precision) * mfu
         stage_compute = [tokens_replica * s.flops_per_token / rate for s in shape.stages]
     compute = max(stage_compute)
+    if optimizer_s >= compute:
+        raise ValueError(f"optimizer_s={optimizer_s!r} is invalid; allowed: less than the step's compute ({compute:g} s)")
+
+    def speed_of(wire) -> CodecSpeed | None:
+        if codec_speed is None:
+            return None
+        if wire.spec not in codec_speed:
+            raise ValueError(f"codec_speed has no entry for codec {wire.spec!r}; it has: {', '.join(sorted(codec_speed))}")
+        return codec_speed[wire.spec]
 
     # -- communication, per stage's dp group -----------------------------------------------------------
     from .parallel.reducer import build_buckets
@@ -499,12 +664,13 @@ def predict_step(
         return times
 
     grad_times_by_stage, frac_by_stage, param_times = [], [], []
+    segments_by_stage: list[list[list[tuple[str, float]]]] = []
     for s in shape.stages:
         g = Group(tuple(s.index * dp + r for r in range(dp)), gpn)
         record = s.index == 0
         pad = dp if zero_stage else 1
         buckets = build_buckets(s.named_params, bucket_mb, min_numel, pad_to=pad) if dp > 1 else []
-        times, done, fracs = [], 0, []
+        times, done, fracs, segs = [], 0, [], []
         for b in buckets:
             lossless = getattr(codec["grad"], "lossless", False)
             wire = codec["grad"] if b.compress and not lossless else build_codec("none")
@@ -517,11 +683,19 @@ def predict_step(
                 ops = [reduce_scatter("grad", g, b.numel, wire, torch.float32)]
             else:
                 ops = all_reduce("grad", g, b.numel, wire, torch.float32 if zero_stage else b.dtype)
-            times.append(sum(cost(ops, record)))
+            link_t = cost(ops, record)
+            kind = "compressed" if len(ops) == 2 and not getattr(wire, "needs_own_collective", False) else "ring"
+            cpu = _codec_segments(kind, g.size, b.numel, torch.empty((), dtype=b.dtype).element_size(), speed_of(wire))
+            if kind != "compressed" and len(link_t) > 1:  # PowerSGD: its all-reduces back to back
+                link_t = [sum(link_t)]
+            segs.append(_interleave(cpu, link_t))
+            times.append(sum(link_t) + sum(cpu))
             done += b.used
             fracs.append(done / max(s.numel, 1))
         if zero_stage == 2 and dp > 1:  # the global grad norm: one fp32 scalar, summed
-            times[-1] += sum(cost(all_reduce("grad", g, 1, build_codec("none"), torch.float32), record))
+            extra_t = sum(cost(all_reduce("grad", g, 1, build_codec("none"), torch.float32), record))
+            times[-1] += extra_t
+            segs[-1] = segs[-1] + [("link", extra_t)]
         if zero_stage and dp > 1:
             pc = codec["param"]
             for b in buckets:
@@ -530,6 +704,7 @@ def predict_step(
                 param_times.append(sum(cost([all_gather("param", g, sizes)], record)))
         grad_times_by_stage.append(times)
         frac_by_stage.append(fracs)
+        segments_by_stage.append(segs)
 
     # Pipeline p2p per microbatch: act forward from stage s to s+1, act_grad back.
     p2p = [0.0] * pp
@@ -564,13 +739,12 @@ def predict_step(
     elif zero_stage or not overlap:
         step = compute + grad_total + param_total
     else:
-        # Buckets become ready during the last microbatch's backward and queue on the link in order.
-        bwd_last = (2.0 / 3.0) * compute / microbatches
-        start_bwd = compute - bwd_last
-        end = 0.0
-        for t, f in zip(grad_times_by_stage[0], frac_by_stage[0]):
-            end = max(end, start_bwd + bwd_last * f) + t
-        step = max(compute, end)
+        # Buckets become ready during the last microbatch's backward and go through the
+        # reducer's one worker (codec work, then the FIFO link) in order.
+        model_s = compute - optimizer_s
+        bwd_last = (2.0 / 3.0) * model_s / microbatches
+        step = simulate_overlap(model_s - bwd_last, bwd_last, frac_by_stage[0], segments_by_stage[0],
+                                optimizer_s=optimizer_s, shared=codec_shares_compute)
 
     inflight = [min(microbatches, pp - s) for s in range(pp)]
     mem = max(_memory_gb(shape, s, dp, zero_stage, mb, inflight[s.index], act_dtype.itemsize, s.index == pp - 1)
@@ -588,7 +762,8 @@ def predict_step(
         memory_gb=mem, usd_per_hour=usd,
         extra={"nodes": nodes, "hardware": hw.name if hw else None, "category": hw.category if hw else None,
                "precision": hw.precision_used(precision) if hw else None, "mfu": mfu if hw else None,
-               "fits_memory": (mem <= hw.memory_gb) if hw else None},
+               "fits_memory": (mem <= hw.memory_gb) if hw else None,
+               "codec_s": sum(c for segs in segments_by_stage[:1] for b in segs for k, c in b if k == "cpu")},
     )
 
 

@@ -219,3 +219,84 @@ def test_compare_main_prints_table_and_writes_png(tmp_path, capsys):
     rows = json.loads(js.read_text())["predictions"]
     assert len(rows) == 4 and all(r["tokens_per_s"] > 0 for r in rows)
     assert compare_main(["--hardware", "nope", "--out", ""]) == 2
+
+
+# -- codec compute cost (calibrated CPU codecs) -------------------------------------------------
+from commtrain.perfmodel import CodecSpeed, measure_codec_speed, simulate_overlap  # noqa: E402
+
+SPEEDS = {"none": CodecSpeed(100.0, 100.0), "quant:bits=4": CodecSpeed(0.25, 2.0)}
+
+
+def test_codec_cost_is_the_collectives_encode_decode_sequence():
+    """Without overlap the step grows by exactly the codec work of every bucket: compressed
+    all-reduce = encode the peers' chunks, decode received + encode own, decode all chunks."""
+    kw = dict(global_batch=8, seq_len=64, dp=2, link=SLOW, compute_s_measured=1.0, overlap=False,
+              codecs={"grad": "quant:bits=4"})
+    base = predict_step("gpt-micro", **kw)
+    timed = predict_step("gpt-micro", codec_speed=SPEEDS, **kw)
+    shape = describe_model("gpt-micro", 64)
+    expect = 0.0
+    for b in build_buckets(shape.stages[0].named_params, 4.0, 4096):
+        n = b.numel * 4
+        if b.compress:
+            own = _chunks(b.numel, 2)[0] * 4  # rank 0's chunk is the larger: the slowest rank
+            s = SPEEDS["quant:bits=4"]
+            expect += (n - own) / (s.encode_gbps * 1e9) + own / (s.decode_gbps * 1e9) \
+                + own / (s.encode_gbps * 1e9) + n / (s.decode_gbps * 1e9)
+        else:
+            expect += n / 100e9 * 2
+    assert timed.step_s - base.step_s == pytest.approx(expect, rel=1e-9)
+    assert timed.extra["codec_s"] == pytest.approx(expect, rel=1e-9)
+    assert timed.wire_bytes == base.wire_bytes  # codec speed never changes the bytes
+
+
+def test_simulate_overlap_without_codec_work_is_the_fifo_chain():
+    ready, links = [0.2, 0.5, 1.0], [0.3, 0.1, 0.4]
+    end = 0.0
+    for f, t in zip(ready, links):
+        end = max(end, 1.0 + 2.0 * f) + t
+    got = simulate_overlap(1.0, 2.0, ready, [[("cpu", 0.0), ("link", t), ("cpu", 0.0)] for t in links])
+    assert got == pytest.approx(max(3.0, end))
+
+
+def test_shared_processor_halves_both_while_busy():
+    # 0.5 s of codec work starts with a 1 s backward: sharing, both run at half speed until
+    # t=1 (codec done, backward half done), then backward alone for 0.5 s.
+    assert simulate_overlap(0.0, 1.0, [0.0], [[("cpu", 0.5)]], shared=True) == pytest.approx(1.5)
+    assert simulate_overlap(0.0, 1.0, [0.0], [[("cpu", 0.5)]], shared=False) == pytest.approx(1.0)
+    # link waits do not take the processor; the optimizer runs after everything
+    assert simulate_overlap(0.0, 1.0, [0.0], [[("link", 2.0)]], optimizer_s=0.1, shared=True) == pytest.approx(2.1)
+
+
+def test_codec_cost_and_optimizer_in_overlapped_prediction():
+    kw = dict(global_batch=8, seq_len=64, dp=2, link=LinkNetwork(1e12, 0.0), compute_s_measured=1.0,
+              codecs={"grad": "quant:bits=4"})
+    free = predict_step("gpt-micro", **kw)
+    assert free.step_s == pytest.approx(1.0)
+    own = predict_step("gpt-micro", codec_speed=SPEEDS, **kw)
+    shared = predict_step("gpt-micro", codec_speed=SPEEDS, codec_shares_compute=True, **kw)
+    assert free.step_s < own.step_s < shared.step_s  # the last bucket's codec work is never hidden
+    assert shared.step_s <= 1.0 + shared.extra["codec_s"] + shared.comm_s["grad"] + 1e-9
+    # the optimizer cannot overlap: with everything else hidden it adds nothing, but it delays the end
+    late = predict_step("gpt-micro", codec_speed=SPEEDS, optimizer_s=0.5, **kw)
+    assert late.step_s > own.step_s
+
+
+def test_codec_speed_validation():
+    kw = dict(global_batch=8, seq_len=64, dp=2, link=SLOW, compute_s_measured=1.0, codecs={"grad": "fp16"})
+    with pytest.raises(ValueError, match="no entry for codec 'fp16'"):
+        predict_step("gpt-micro", codec_speed=SPEEDS, **kw)
+    with pytest.raises(TypeError, match="codec_speed"):
+        predict_step("gpt-micro", codec_speed={"fp16": 1.0}, **kw)
+    with pytest.raises(ValueError, match="optimizer_s"):
+        predict_step("gpt-micro", optimizer_s=-1, **kw)
+    with pytest.raises(ValueError, match="optimizer_s"):
+        predict_step("gpt-micro", optimizer_s=2.0, **kw)
+    with pytest.raises(ValueError, match="encode_gbps"):
+        CodecSpeed(0.0, 1.0)
+
+
+def test_measure_codec_speed_orders_codecs():
+    none = measure_codec_speed("none", numel=1 << 16, repeats=2)
+    quant = measure_codec_speed("quant:bits=4", numel=1 << 16, repeats=2)
+    assert none.encode_gbps > quant.encode_gbps > 0  # a view vs quantize + error feedback
