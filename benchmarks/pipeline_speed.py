@@ -142,21 +142,40 @@ def main(argv=None) -> int:
     data[args.link] = {"latency": args.latency, "steps": args.steps, "compute": compute, "rows": table}
     path.write_text(json.dumps(data, indent=1))
     print()
-    print(format_table(args.link, table))
+    print(format_table(args.link, table, args.latency))
     return 0
 
 
-def format_table(link: str, table: dict) -> str:
-    head = (f"| {'setting (link ' + link + ')':<44} | step s | busiest MB/step | M s | speedup | ideal | achieved/ideal |\n"
-            f"|{'-' * 46}|-------:|----------------:|----:|--------:|------:|---------------:|")
+def pipeline_ideal(rows: dict, n: str, base: str, bw_bps: float, latency_s: float, n_micro: int) -> float:
+    """Critical-path ideal of a link-bound 1F1B step: the backward link cannot start the last
+    microbatch's gradient before its activation has arrived, so the step is about
+    C + M_act + M_act_grad / n_micro + M_grad (the gradient all-reduce follows the backward).
+    M per channel = 8 * bytes / bandwidth (+ latency per message) of the busiest rank."""
+    def step(r):
+        m = {ch: max(w[ch] for w in r["wire_bytes_per_rank"]) * 8 / bw_bps for ch in ("act", "act_grad", "grad")}
+        return (r["C_unthrottled_s"] + m["act"] + m["act_grad"] / n_micro + m["grad"]
+                + latency_s * (n_micro + 1))
+    return step(rows[base]) / step(rows[n])
+
+
+def format_table(link: str, table: dict, latency: str, n_micro: int = 4) -> str:
+    from commtrain.comm.link import parse_bandwidth, parse_latency
+
+    head = (f"| {'setting (link ' + link + ')':<44} | step s | busiest MB/step | M s | speedup | ideal | achieved/ideal "
+            f"| pipeline ideal | achieved/pipeline ideal |\n"
+            f"|{'-' * 46}|-------:|----------------:|----:|--------:|------:|---------------:|---:|---:|")
     lines = [head]
+    bw, lat = parse_bandwidth(link), parse_latency(latency)
     for n, r in table.items():
+        base = BASELINE[r["dp"]]
+        pi = pipeline_ideal(table, n, base, bw, lat, n_micro) if base in table else None
         mb = max(sum(w.values()) for w in r["wire_bytes_per_rank"]) / 1e6
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else "-"
         ratio = f"{100 * r['achieved_over_ideal']:.0f}%" if "achieved_over_ideal" in r else "-"
         lines.append(f"| {n:<44} | {r['step_time_s']:.4f} | {mb:15.3f} | {r['modeled_comm_s_busiest']:.3f} | "
-                     f"{sp:>7} | {ideal:>5} | {ratio:>14} |")
+                     f"{sp:>7} | {ideal:>5} | {ratio:>14} | "
+                     + (f"{pi:.2f}x | {100 * r['speedup'] / pi:.0f}% |" if pi and "speedup" in r else "- | - |"))
     return "\n".join(lines)
 
 
