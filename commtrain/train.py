@@ -147,17 +147,12 @@ class Trainer:
             cfg.data, model.vocab_size, hf_tokenizer=getattr(model, "tokenizer", None), block_size=model.block_size
         )
         self._check_same_data()
-        # AC-SGD keeps per-sample buffers per replica: a sample must stay on one replica across
-        # epochs, or it is "unseen" (sent uncompressed) whenever the shuffle moves it. So with
-        # delta compression and dp > 1, replica r owns ids = r (mod dp) and shuffles only those.
-        cc0 = cfg.compression
-        self._replica_shard = pc.pp > 1 and self.mesh.dp_size > 1 and cc0.act_delta and cc0.act != "none"
-        if self._replica_shard:
-            self.sampler = ShardedSampler(len(self.train_ds) // self.mesh.dp_size, tc.batch_size, 0, 1, seed=tc.seed)
-        else:
-            self.sampler = ShardedSampler(
-                len(self.train_ds), tc.batch_size, self.mesh.dp_rank, self.mesh.dp_size, seed=tc.seed
-            )
+        # AC-SGD keeps per-sample buffers per replica, so with delta compression each sample
+        # stays on one replica across epochs (else it would be "unseen", sent uncompressed).
+        acsgd = pc.pp > 1 and cc.act_delta and cc.act != "none"
+        self.sampler = ShardedSampler(
+            self.train_ds, tc.batch_size, self.mesh.dp_rank, self.mesh.dp_size, seed=tc.seed, sticky=acsgd
+        )
 
         # One meter and one link per process: DP and PP traffic share the NIC.
         self.meter = ByteMeter()
@@ -302,10 +297,7 @@ class Trainer:
     def _batch(self, step: int):
         # The batch is a pure function of (seed, step, dp rank): resuming at step k sees
         # exactly the batches the uninterrupted run saw.
-        ids = self.sampler.rank_batch(step)
-        if self._replica_shard:  # local index j of replica r -> dataset id j * dp + r
-            ids = self.train_ds.first_id + ids * self.mesh.dp_size + self.mesh.dp_rank
-        ids, x, y = self.train_ds.batch(ids)
+        ids, x, y = self.train_ds.batch(self.sampler.rank_batch(step))
         return ids, x.to(self.device), y.to(self.device)
 
     def _check_same_data(self) -> None:
@@ -326,6 +318,13 @@ class Trainer:
         tc = self.cfg.train
         n = min(len(self.eval_ds), tc.eval_batches * tc.batch_size * self.mesh.dp_size)
         mine = list(range(self.mesh.dp_rank, n, self.mesh.dp_size))
+        if self.pipeline is not None:  # every eval batch must split into the microbatches
+            mine = mine[: len(mine) - len(mine) % self.cfg.parallel.microbatches]
+            if not mine:
+                raise ValueError(
+                    f"the held-out split ({len(self.eval_ds)} samples) is too small for "
+                    f"parallel.microbatches={self.cfg.parallel.microbatches} per replica; raise data.eval_fraction"
+                )
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(0, len(mine), tc.batch_size):
             chunk = mine[i : i + tc.batch_size]

@@ -222,3 +222,27 @@ def test_hf_tokenizer_from_checkpoint_object(tmp_path):
     tr, ev, tok = build_data(DataConfig(max_bytes=20_000, tokenizer="hf", seq_len=16), 300, hf_tokenizer=hf_tok)
     assert tok.vocab_size == len(hf_tok) and int(tr.tokens.max()) < len(hf_tok)
     assert tok.decode(tr.tokens[:100]) == hf_tok.decode(tr.tokens[:100].tolist())
+
+
+def test_sticky_sampler_keeps_each_sample_on_one_rank():
+    """AC-SGD mode: rank r only ever sees ids = first_id + r (mod dp), reshuffled each epoch."""
+    from commtrain.data import ShardedSampler
+
+    n, b, dp = 103, 4, 3
+    samplers = [ShardedSampler(n, b, r, dp, seed=5, sticky=True) for r in range(dp)]
+    spe = samplers[0].steps_per_epoch
+    assert spe == (n // dp) // b
+    seen = [set() for _ in range(dp)]
+    for step in range(3 * spe):
+        batches = [s.rank_batch(step) for s in samplers]
+        assert torch.equal(torch.cat(batches), samplers[0].global_batch(step))
+        for r, ids in enumerate(batches):
+            assert len(ids) == b and all(int(i) % dp == r for i in ids)
+            seen[r].update(map(int, ids))
+    assert all(not (seen[i] & seen[j]) for i in range(dp) for j in range(i + 1, dp))
+    # reshuffled: epoch 1 does not repeat epoch 0's order
+    assert not torch.equal(samplers[1].rank_batch(0), samplers[1].rank_batch(spe))
+    # resumable, and a sticky state does not load into a non-sticky sampler
+    state = samplers[0].state_dict()
+    with pytest.raises(ValueError, match="sticky"):
+        ShardedSampler(n, b, 0, dp, seed=5).load_state_dict(state)
