@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         print(f"{ok}/{n} within +-15%")
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "perfmodel_validation.json").write_text(json.dumps(data, indent=1))
-        (RESULTS / "perfmodel_table.md").write_text(text + f"\n\n{ok}/{n} configurations within +-15%.\n")
+        (RESULTS / "perfmodel_table.md").write_text(text + f"\n\n{ok}/{n} configurations within +-15%.\n")  # pasted into perfmodel.md
     return 0
 
 
