@@ -46,7 +46,8 @@ def test_dp_none_equals_single_process_on_the_global_batch(tmp_path):
 
 
 def test_metrics_schema_and_wire_bytes(tmp_path):
-    run(tmp_path, 2, "compression.grad=quant:bits=4,group=128", "compression.min_numel=1024", "link.profile=10gbit")
+    run(tmp_path, 2, "compression.grad=quant:bits=4,group=128", "compression.min_numel=1024", "link.profile=10gbit",
+        "compression.policy=always")  # auto would (rightly) send raw bytes on a 10 Gbit/s link
     rows = read_metrics(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if "event" not in r]
     for r in steps:
