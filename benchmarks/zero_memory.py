@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
                 zero.zero_grad()
             wire = {k: comm.meter.bytes[k] - before.get(k, 0) for k in ("grad", "param")}
             n_params = sum(p.numel() for _, p in named)
-            rows.append(dict(model=preset, stage=stage, rank=rank, world=world, n_params=n_params,
+            rows.append(dict(model=preset, rank=rank, world=world, n_params=n_params,
                              **report, wire_bytes_last_step=wire))
             comm.close()
             del zero, model
