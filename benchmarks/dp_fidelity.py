@@ -102,7 +102,7 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", nargs="*", default=[], help=f"rows to run, from: {list(ROWS)}")
+    ap.add_argument("--rows", nargs="*", default=[], help="rows to run, from: " + ", ".join(ROWS).replace("%", "%%"))
     ap.add_argument("--model", default="gpt-micro")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr-warmup", type=int, default=20)
