@@ -156,6 +156,13 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        default_seq = DataConfig.__dataclass_fields__["seq_len"].default
+        if self.data.seq_len not in (default_seq, self.train.seq_len):
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} conflicts with train.seq_len={self.train.seq_len}; "
+                f"set train.seq_len (the data section follows it)"
+            )
+        self.data.seq_len = self.train.seq_len
         _choice("backend", self.backend, ("auto", "gloo", "nccl"))
         _positive(self, "", "timeout_s")
         p = self.parallel

@@ -37,6 +37,7 @@ def test_every_shipped_config_is_valid():
         ("parallel.schedule=zigzag", "parallel.schedule='zigzag'"),
         ("link.profile=56k-modem", "56k-modem"),
         ("train.steps=ten", "train.steps='ten'"),
+        ("data.seq_len=48", "data.seq_len=48 conflicts with train.seq_len"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
