@@ -165,7 +165,7 @@ def plot(data: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--link", action="append", choices=LINKS, help="link profile(s) to run (repeatable)")
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), help=f"subset of: {list(ROWS)}")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="subset of: " + ", ".join(ROWS).replace("%", "%%"))
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--skip", type=int, default=4, help="leading steps excluded (warm-up, uncompressed steps)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row (steps are pooled)")
