@@ -1,6 +1,5 @@
 """Executors: the process mesh, data-parallel gradient reduction (own reducer or a DDP comm
 hook), PowerSGD, the ZeRO sharded optimizer, and (in ``pipeline/``) pipeline stages."""
-from ..compress import powersgd as _register_powersgd  # noqa: F401  (registers codec "powersgd")
 from .ddp_hook import CommtrainHookState, commtrain_hook
 from .mesh import Mesh
 from .powersgd import PowerSGDReducer

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..compress import build_codec
+from ..compress import ErrorFeedback, build_codec
 from .powersgd import PowerSGDReducer
-from .reducer import _wrap_ef, compressible
+from .reducer import compressible
 
 
 @dataclass
@@ -57,7 +57,7 @@ class CommtrainHookState:
         self.own_collective = bool(getattr(self.codec_obj, "needs_own_collective", False))
         self.powersgd = (PowerSGDReducer(self.codec_obj, self.comm, error_feedback=use_ef, min_numel=self.min_numel)
                          if self.own_collective else None)
-        self.wire_codec = _wrap_ef(self.codec_obj) if use_ef and not self.own_collective else self.codec_obj
+        self.wire_codec = ErrorFeedback(self.codec_obj) if use_ef and not self.own_collective else self.codec_obj
         self._splits: dict[tuple, tuple[list, list]] = {}
         self._layouts: dict[str, tuple] = {}
 

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..compress import build_codec
+from ..compress import ErrorFeedback, build_codec
 from .policy import POLICIES, choose_compressed_buckets
 from .powersgd import PowerSGDReducer
 
@@ -154,12 +154,6 @@ class _Done:
         return self.value
 
 
-def _wrap_ef(codec):
-    from ..compress import ErrorFeedback
-
-    return ErrorFeedback(codec)
-
-
 class GradReducer:
     """Averages the gradients of ``named_params`` over ``comm`` (build ``comm`` on the dp group).
 
@@ -179,7 +173,7 @@ class GradReducer:
         self.own_collective = bool(getattr(self.codec, "needs_own_collective", False))
         use_ef = cfg.error_feedback and not self.codec.lossless
         self.powersgd = PowerSGDReducer(self.codec, comm, error_feedback=use_ef) if self.own_collective else None
-        self.wire_codec = _wrap_ef(self.codec) if use_ef and not self.own_collective else self.codec
+        self.wire_codec = ErrorFeedback(self.codec) if use_ef and not self.own_collective else self.codec
         self.buckets = build_buckets(named_params, cfg.bucket_mb, cfg.min_numel)
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._buffers = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]

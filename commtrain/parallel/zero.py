@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..compress import build_codec
-from .reducer import _wrap_ef, build_buckets
+from ..compress import ErrorFeedback, build_codec
+from .reducer import build_buckets
 
 FORMAT = "commtrain.zero/1"
 
@@ -59,7 +59,7 @@ class ZeroOptimizer:
         if getattr(self.grad_codec, "needs_own_collective", False):
             raise ValueError(f"ZeroOptimizer: grad_codec={grad_codec!r} runs its own collective and cannot be "
                              f"reduce-scattered; use it with GradReducer (stage 0 via the reducer)")
-        self.grad_wire = (_wrap_ef(self.grad_codec) if error_feedback and not self.grad_codec.lossless
+        self.grad_wire = (ErrorFeedback(self.grad_codec) if error_feedback and not self.grad_codec.lossless
                           else self.grad_codec)
         self.param_codec = build_codec(param_codec) if param_codec is not None else self.plain
         self.buckets = build_buckets(named_params, bucket_mb, min_numel, pad_to=self.world)
