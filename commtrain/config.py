@@ -1,8 +1,11 @@
-"""One dataclass config tree: YAML files in ``configs/``, ``--set a.b=c`` overrides, validation.
+"""One dataclass config tree: YAML files, ``--set a.b=c`` overrides, validation.
 
-Each component owns its section (model and data configs live next to their code); this
-module assembles the tree and validates it *before* any process group exists, so a bad
-value fails fast with one line naming the key, the value and what is allowed.
+Each component owns its section, a dataclass beside its code (``model``: models/,
+``data``: data/, ``parallel``: parallel/mesh.py, ``compression``: parallel/compression.py,
+``zero``: parallel/sync/zero.py, ``link``: comm/link.py; ``train`` is the trainer's own, here).
+This module assembles the tree and validates it *before* any process group exists, so a bad
+value fails fast with one line naming the key, the value and what is allowed. Allowed values
+are the registries' (codecs, schedules, buffer storages, data sources, tokenizers).
 """
 from __future__ import annotations
 
@@ -15,16 +18,21 @@ from typing import Any, Optional
 
 import yaml
 
+from .comm.link import LinkConfig
 from .data import DataConfig
 from .models import ModelConfig
+from .parallel.compression import CompressionConfig
+from .parallel.mesh import ParallelConfig
+from .parallel.sync.zero import ZeroConfig
+from .validate import ConfigError, choice, integer, non_negative, positive
 
-
-class ConfigError(ValueError):
-    """An invalid configuration. The message names the key, the bad value and what is allowed."""
+__all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "from_dict"]
 
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section: the trainer's own loop settings."""
+
     steps: int = 100
     lr: float = 3e-3
     lr_warmup_steps: int = 10
@@ -39,103 +47,19 @@ class TrainConfig:
     keep_checkpoints: int = 3
     progress: bool = True  # tqdm bar on rank 0
 
-    def validate(self):
-        _positive(self, "train", "steps", "lr", "batch_size", "seq_len", "eval_batches", "keep_checkpoints")
-        _non_negative(self, "train", "lr_warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every", "seed")
-
-
-@dataclass
-class ParallelConfig:
-    dp: Optional[int] = None  # None: world_size // pp
-    pp: int = 1
-    schedule: str = "1f1b"
-    microbatches: int = 4
-    bucket_mb: float = 4.0
-    overlap: bool = True  # start each gradient bucket's reduction as soon as it is ready
-
-    def validate(self):
-        _positive(self, "parallel", "pp", "microbatches", "bucket_mb")
-        if self.dp is not None:
-            _positive(self, "parallel", "dp")
-        _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
-
-
-@dataclass
-class CompressionConfig:
-    grad: str = "none"  # data-parallel gradients
-    act: str = "none"  # pipeline forward activations
-    act_grad: str = "none"  # pipeline backward activation gradients
-    param: Optional[str] = None  # ZeRO parameter all-gather (None: exact)
-    error_feedback: bool = True
-    warmup_steps: int = 0  # uncompressed steps at the start (all channels)
-    min_numel: int = 4096  # gradients smaller than this, and all 1-D ones, go uncompressed
-    # DP gradient buckets: "auto" compresses a bucket only where measured codec time + modeled
-    # compressed link time beats the raw link time (needs a link with a known bandwidth;
-    # otherwise it compresses as configured); "always" compresses every eligible bucket.
-    policy: str = "auto"
-    act_delta: bool = True  # AC-SGD: send Q(a - m[id]) rather than Q(a)
-    act_buffer: str = "cpu"  # where AC-SGD per-sample buffers live
-    act_buffer_dtype: str = "fp32"
-
-    def validate(self):
-        from .compress import build_codec
-
-        for key in ("grad", "act", "act_grad", "param"):
-            spec = getattr(self, key)
-            if spec is None:
-                continue
-            try:
-                build_codec(spec)
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"compression.{key}={spec!r}: {e}") from None
-        _non_negative(self, "compression", "warmup_steps", "min_numel")
-        _choice("compression.policy", self.policy, ("auto", "always"))
-        _choice("compression.act_buffer", self.act_buffer, ("device", "cpu", "mmap"))
-        _choice("compression.act_buffer_dtype", self.act_buffer_dtype, ("fp32", "fp16", "int8"))
-
-
-@dataclass
-class ZeroConfig:
-    stage: int = 0
-
-    def validate(self):
-        _choice("zero.stage", self.stage, (0, 1, 2))
-
-
-@dataclass
-class LinkConfig:
-    profile: Optional[str] = None  # a file in configs/links/ (e.g. 100mbit, 1gbit, 10gbit)
-    bandwidth: Optional[str] = None  # e.g. "100mbit", "1gbit", "12.5GB" (per second)
-    latency: Optional[str] = None  # e.g. "50us", "1ms"
-
-    def validate(self):
-        if self.profile is not None and (self.bandwidth is not None or self.latency is not None):
-            raise ConfigError(
-                f"link: give either link.profile ({self.profile!r}) or link.bandwidth/link.latency, not both"
-            )
-        try:
-            self.build()
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"link: {e}") from None
-
-    def build(self):
-        """The LinkModel this section describes, or None for an unthrottled link."""
-        from .comm import LinkModel, load_link_profile
-
-        if self.profile is not None:
-            return load_link_profile(self.profile)
-        if self.bandwidth is None and self.latency is None:
-            return None
-        # LinkModel.parse takes one "bandwidth[,latency]" spec; a latency-only link has no bandwidth cap.
-        if self.bandwidth is None:
-            from .comm.link import parse_latency
-
-            return LinkModel(None, parse_latency(self.latency), name=f"latency {self.latency}")
-        return LinkModel.parse(f"{self.bandwidth},{self.latency or '0s'}")
+    def validate(self) -> None:
+        positive(self, "train", "lr")
+        non_negative(self, "train", "weight_decay", "grad_clip")
+        for key in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
+            integer(self, "train", key, 1)
+        for key in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            integer(self, "train", key, 0)
 
 
 @dataclass
 class Config:
+    """The whole run: one section per component (each owns its dataclass and ``validate``)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,34 +72,31 @@ class Config:
     backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo), gloo, nccl
     timeout_s: float = 300.0  # a dead peer raises after this long instead of hanging
 
+    SECTIONS = ("model", "data", "train", "parallel", "compression", "zero", "link")
+
     def validate(self, world_size: int | None = None) -> "Config":
-        for section in (self.model, self.data, self.train, self.parallel, self.compression, self.zero, self.link):
+        """Check every section, then what spans sections. Reads only: nothing is filled in or
+        corrected (derived values, such as the dp degree, are computed where they are used)."""
+        for name in self.SECTIONS:
             try:
-                section.validate()
+                getattr(self, name).validate()
             except ConfigError:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        default_seq = DataConfig.__dataclass_fields__["seq_len"].default
-        if self.data.seq_len not in (default_seq, self.train.seq_len):
+        if self.data.seq_len not in (DataConfig.__dataclass_fields__["seq_len"].default, self.train.seq_len):
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} conflicts with train.seq_len={self.train.seq_len}; "
                 f"set train.seq_len (the data section follows it)"
             )
-        self.data.seq_len = self.train.seq_len
-        _choice("backend", self.backend, ("auto", "gloo", "nccl"))
-        _positive(self, "", "timeout_s")
+        choice("backend", self.backend, ("auto", "gloo", "nccl"))
+        positive(self, "", "timeout_s")
         p = self.parallel
         if p.pp > 1 and self.zero.stage:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: ZeRO is supported with pp=1 only")
+        self.zero.check_compression(self.compression)
         if world_size is not None:
-            dp = p.dp if p.dp is not None else world_size // p.pp
-            if dp < 1 or p.pp * dp != world_size:
-                raise ConfigError(
-                    f"parallel.pp={p.pp} x parallel.dp={p.dp if p.dp is not None else 'auto'} "
-                    f"must equal the world size {world_size} (pp * dp = {p.pp * max(dp, 0)})"
-                )
-            p.dp = dp
+            p.degrees(world_size)
         if p.pp > 1 and self.train.batch_size % p.microbatches:
             raise ConfigError(
                 f"train.batch_size={self.train.batch_size} must be divisible by parallel.microbatches={p.microbatches}"
@@ -239,32 +160,14 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
         ftype = next(a for a in args if a is not type(None))
     if ftype is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if ftype is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 1e-3 and 3e-4 as strings: a float key takes them as numbers.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if ftype is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if ftype in (int, float, str, bool) and not (isinstance(value, ftype) and not (ftype is int and isinstance(value, bool))):
         raise ConfigError(f"{key}={value!r} is invalid; allowed: a value of type {ftype.__name__}")
     return value
-
-
-# -- validation helpers -------------------------------------------------------------------
-def _name(section: str, key: str) -> str:
-    return f"{section}.{key}" if section else key
-
-
-def _positive(obj, section, *keys):
-    for k in keys:
-        v = getattr(obj, k)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{_name(section, k)}={v!r} is invalid; allowed: a number > 0")
-
-
-def _non_negative(obj, section, *keys):
-    for k in keys:
-        v = getattr(obj, k)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{_name(section, k)}={v!r} is invalid; allowed: a number >= 0")
-
-
-def _choice(key, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is invalid; allowed: {', '.join(map(str, allowed))}")

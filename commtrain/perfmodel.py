@@ -21,7 +21,7 @@ replaces all of this with a measured number (seconds of one step's compute on on
 same byte convention as its ByteMeter (bytes *sent by this rank*) and the same link cost
 (``latency * rounds + 8 * bytes / bandwidth``):
 
-* gradients: the trainer's buckets (:func:`commtrain.parallel.reducer.build_buckets` on the
+* gradients: the trainer's buckets (:func:`commtrain.parallel.buckets.build_buckets` on the
   stage's real parameter shapes, built on the meta device); a summable codec (none, fp16,
   bf16) takes a ring all-reduce, ``floor(2 (p-1) / p * payload)`` bytes in ``2 (p-1)`` rounds;
   any other codec the compressed all-reduce, an all-to-all of the ``p-1`` compressed chunks
@@ -69,7 +69,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .comm import codecs as C
+from .comm import protocol as C
 from .comm.collectives import chunk_bounds
 from .comm.meter import CHANNELS
 from .compress import build_codec
@@ -138,9 +138,9 @@ def measure_codec_speed(spec: str, numel: int = 1 << 19, error_feedback: bool = 
     enc_t, dec_t = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        pkt = C.compress(enc, x, "calibration", "x")
+        payload = C.compress(enc, x, "calibration", "x")
         t1 = time.perf_counter()
-        C.decompress(enc, pkt.payload, x.shape, dtype)
+        C.decompress(enc, payload, x.shape, dtype)
         t2 = time.perf_counter()
         if i:  # the first round pays allocation and residual creation once
             enc_t.append(t1 - t0)
@@ -436,7 +436,7 @@ def ring_all_reduce(channel: str, g: Group, payload: int) -> list[Transfer]:
 
 
 def reduce_scatter(channel: str, g: Group, numel: int, codec, dtype) -> list[Transfer]:
-    sizes = [C.payload_nbytes(codec, hi - lo, dtype) for lo, hi in chunk_bounds(numel, g.size)]
+    sizes = [codec.payload_nbytes(hi - lo, dtype) for lo, hi in chunk_bounds(numel, g.size)]
     return all_to_all(channel, g, sizes)
 
 
@@ -444,9 +444,9 @@ def all_reduce(channel: str, g: Group, numel: int, codec, dtype) -> list[list[Tr
     """The operations of ``Communicator.all_reduce`` (one list of per-rank transfers per op)."""
     if g.size == 1 or numel == 0:
         return []
-    if C.summable_dtype(codec, dtype) is not None:
-        return [ring_all_reduce(channel, g, C.payload_nbytes(codec, numel, dtype))]
-    sizes = [C.payload_nbytes(codec, hi - lo, dtype) for lo, hi in chunk_bounds(numel, g.size)]
+    if codec.summable_dtype(dtype) is not None:
+        return [ring_all_reduce(channel, g, codec.payload_nbytes(numel, dtype))]
+    sizes = [codec.payload_nbytes(hi - lo, dtype) for lo, hi in chunk_bounds(numel, g.size)]
     return [all_to_all(channel, g, sizes), all_gather(channel, g, sizes)]
 
 
@@ -648,7 +648,7 @@ def predict_step(
         return codec_speed[wire.spec]
 
     # -- communication, per stage's dp group -----------------------------------------------------------
-    from .parallel.reducer import build_buckets
+    from .parallel.buckets import build_buckets
 
     comm_rank0 = dict.fromkeys(CHANNELS, 0.0)
     bytes_rank0 = dict.fromkeys(CHANNELS, 0)
@@ -700,7 +700,7 @@ def predict_step(
             pc = codec["param"]
             for b in buckets:
                 wire = pc if b.compress else build_codec("none")
-                sizes = [C.payload_nbytes(wire, b.numel // dp, torch.float32)] * dp
+                sizes = [wire.payload_nbytes(b.numel // dp, torch.float32)] * dp
                 param_times.append(sum(cost([all_gather("param", g, sizes)], record)))
         grad_times_by_stage.append(times)
         frac_by_stage.append(fracs)
@@ -713,7 +713,7 @@ def predict_step(
         for s in range(pp):
             ts = 0.0
             if s < pp - 1:
-                t = Transfer("act", C.payload_nbytes(codec["act"], math.prod(act_shape), act_dtype), 1,
+                t = Transfer("act", codec["act"].payload_nbytes(math.prod(act_shape), act_dtype), 1,
                              0)
                 t = _p2p_node(t, s * dp, (s + 1) * dp, gpn)
                 ts += net.time_s(t)
@@ -721,7 +721,7 @@ def predict_step(
                     bytes_rank0["act"] += microbatches * t.nbytes
                     comm_rank0["act"] += microbatches * net.time_s(t)
             if s > 0:
-                t = Transfer("act_grad", C.payload_nbytes(codec["act_grad"], math.prod(act_shape), act_dtype), 1, 0)
+                t = Transfer("act_grad", codec["act_grad"].payload_nbytes(math.prod(act_shape), act_dtype), 1, 0)
                 t = _p2p_node(t, s * dp, (s - 1) * dp, gpn)
                 ts += net.time_s(t)
             p2p[s] = ts

@@ -91,14 +91,19 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, pg_timeout: floa
 
 
 class NonSummable:
-    """Duck-typed codec forcing the reduce-scatter/all-gather path (hides ``summable``)."""
+    """A wire codec (the comm protocol) forcing the reduce-scatter/all-gather path: it hides
+    the wrapped codec's summable payload."""
 
-    summable = False
+    lossless = False
 
     def __init__(self, spec):
         self.codec = build_codec(spec)
+        self.spec = f"nonsummable({self.codec.spec})"
 
-    def compress(self, x):
+    def summable_dtype(self, dtype):
+        return None
+
+    def compress(self, x, *, key=None):
         return self.codec.compress(x)
 
     def decompress(self, pkt):

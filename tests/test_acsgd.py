@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from commtrain.compress import build_codec
-from commtrain.parallel.pipeline import ActCompression, ActivationBuffer, ActivationChannel
+from commtrain.parallel.compression import CompressionConfig
+from commtrain.parallel.pipeline import ActivationBuffer, ActivationChannel
 from tests.dist_utils import run_ranks
 
 ROW = (16, 32)  # (T, C)
@@ -65,9 +66,9 @@ def test_buffer_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="distinct"):
         buf.write(torch.tensor([1, 1]), torch.zeros(2, *ROW))
     with pytest.raises(ValueError, match="compression.act_buffer='ssd'"):
-        ActCompression(act_buffer="ssd")
+        CompressionConfig(act_buffer="ssd").validate()
     with pytest.raises(ValueError, match="unknown codec 'qunat'"):
-        ActCompression(act="qunat:bits=2")
+        CompressionConfig(act="qunat:bits=2").validate()
 
 
 def test_mmap_snapshot_state_checks_its_checksum(tmp_path):
@@ -97,13 +98,13 @@ def test_sender_and_receiver_buffers_stay_bit_identical(storage, dtype, tmp_path
     modes = []
     for step in range(6):
         for ids in torch.randperm(n, generator=g).view(-1, mb):
-            bs, br = send.bind(ids), recv.bind(ids)
-            assert bs.mode == br.mode
-            modes.append(bs.mode)
-            pkt = bs.compress(acts[step][ids])
-            assert pkt.nbytes == br.payload_nbytes(ids.numel() * ROW[0] * ROW[1])
-            out = br.decompress(pkt)
-            if bs.mode == "delta":  # the receiver's activation is its updated m[id]
+            mode = send.mode(ids)
+            assert mode == recv.mode(ids)
+            modes.append(mode)
+            pkt = send.encode(ids, acts[step][ids], mode)
+            assert pkt.nbytes == recv.payload_nbytes(mode, ids.numel() * ROW[0] * ROW[1], torch.float32)
+            out = recv.decode(ids, pkt, mode)
+            if mode == "delta":  # the receiver's activation is its updated m[id]
                 assert torch.equal(out, recv.buffer.read(ids))
         send.end_step(), recv.end_step()
     assert modes[:6] == ["full"] * 6 and set(modes[6:]) == {"delta"}  # first epoch fills the buffers
@@ -124,8 +125,8 @@ def test_delta_beats_direct_quantization_on_drifting_activations(tmp_path):
         ids = torch.arange(n)
         for step in range(5):
             a = acts[step][ids]
-            pkt = send.bind(ids).compress(a)
-            out = recv.bind(ids).decompress(pkt)
+            pkt = send.encode(ids, a, send.mode(ids))
+            out = recv.decode(ids, pkt, recv.mode(ids))
             send.end_step(), recv.end_step()
         err[delta] = ((out - a).norm() / a.norm()).item()
         assert pkt.nbytes == build_codec(CODEC).payload_nbytes(a.numel())
@@ -195,7 +196,7 @@ def _buffer_of(engine):
 def _acsgd_worker(rank, world, configs, out_root):
     out = []
     for i, kw in enumerate(configs):
-        act = ActCompression(act_grad="quant:bits=4,group=64", **kw)
+        act = CompressionConfig(act_grad="quant:bits=4,group=64", **kw)
         engine, stage, opt, comm = _make(act, os.path.join(out_root, f"run{i}"))
         losses = _train(engine, stage, opt, range(6))
         out.append(dict(kw=kw, losses=losses, buffer=_buffer_of(engine), bytes=comm.meter.bytes))
@@ -215,7 +216,7 @@ def test_pipeline_buffers_bit_identical_and_bytes_exact(tmp_path):
         dict(act=CODEC, act_delta=True, act_buffer="cpu", act_buffer_dtype="fp16"),
         dict(act=CODEC, act_delta=True, act_buffer="mmap", act_buffer_dtype="int8"),
         dict(act=CODEC, act_delta=False),
-        dict(act=CODEC, act_delta=True, act_warmup_steps=3, act_buffer="mmap"),
+        dict(act=CODEC, act_delta=True, warmup_steps=3, act_buffer="mmap"),
     ]
     r0, r1 = run_ranks(_acsgd_worker, 2, configs, str(tmp_path), timeout=170)
     mb_numel = B // M * T * MODEL["n_embd"]
@@ -231,7 +232,7 @@ def test_pipeline_buffers_bit_identical_and_bytes_exact(tmp_path):
             assert bool(a["buffer"]["seen"].all())
         # Exact bytes: 6 steps x M microbatches. Uncompressed until every sample was seen
         # (steps 0-1 = epoch 1) or the warm-up ends; then packed 2-bit deltas.
-        full_steps = max(kw.get("act_warmup_steps", 0), 2 if kw["act_delta"] else 0)
+        full_steps = max(kw.get("warmup_steps", 0), 2 if kw["act_delta"] else 0)
         expected_act = M * (full_steps * mb_numel * 4 + (6 - full_steps) * _wire_bytes(CODEC, mb_numel))
         assert a["bytes"]["act"] == expected_act, kw
         assert b["bytes"]["act"] == 0 and a["bytes"]["act_grad"] == 0
@@ -242,7 +243,7 @@ def test_pipeline_buffers_bit_identical_and_bytes_exact(tmp_path):
 
 
 def _resume_worker(rank, world, out_root, storage):
-    act = ActCompression(act=CODEC, act_grad="quant:bits=4,group=64", act_delta=True, act_buffer=storage)
+    act = CompressionConfig(act=CODEC, act_grad="quant:bits=4,group=64", act_delta=True, act_buffer=storage)
     # uninterrupted
     engine, stage, opt, comm = _make(act, os.path.join(out_root, "full"))
     full = _train(engine, stage, opt, range(6))

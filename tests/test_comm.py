@@ -13,7 +13,7 @@ import torch
 
 from commtrain.comm import CHANNELS, ByteMeter, Handle
 from commtrain.comm.collectives import chunk_bounds
-from commtrain.compress import available_codecs, build_codec
+from commtrain.compress import ErrorFeedback, available_codecs, build_codec
 
 from dist_utils import NonSummable, run_ranks
 
@@ -21,13 +21,13 @@ SIZES = (1, 7, 1003)
 
 
 class KeyRecorder(NonSummable):
-    """Duck-typed ErrorFeedback stand-in: takes ``key=`` and records the keys it sees."""
+    """ErrorFeedback stand-in: records the ``key=`` it is given."""
 
     def __init__(self, spec):
         super().__init__(spec)
         self.keys = []
 
-    def compress(self, x, key):
+    def compress(self, x, *, key=None):
         self.keys.append(key)
         return self.codec.compress(x)
 
@@ -142,7 +142,7 @@ def _collectives(rank, world):
     comm.all_reduce(_data(rank, 10), rec, op="mean", key="w")
     assert rec.keys == [f"w/rs/{j}" for j in range(world) if j != rank] + ["w/ag"], rec.keys
     with pytest.raises(ValueError, match="key=None"):
-        comm.all_reduce(_data(rank, 10), rec)
+        comm.all_reduce(_data(rank, 10), ErrorFeedback(NonSummable("fp16").codec))
     # (9) meter == bytes handed to torch.distributed; and == the formula for one compressed all-reduce
     assert comm.meter.total() == sent["n"] and comm.meter.bytes["grad"] + comm.meter.bytes["param"] == sent["n"]
     before = comm.meter.total()

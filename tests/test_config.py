@@ -58,7 +58,8 @@ def test_dp_defaults_to_world_over_pp():
     cfg = Config()
     cfg.parallel.pp = 2
     cfg.train.batch_size = 8
-    assert cfg.validate(world_size=4).parallel.dp == 2
+    assert cfg.validate(world_size=4).parallel.degrees(4) == (2, 2)  # dp: the world over pp
+    assert cfg.parallel.dp is None  # validation reads the config, it never fills it in
 
 
 @pytest.mark.parametrize(

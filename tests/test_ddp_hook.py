@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from commtrain.parallel.compression import CompressionConfig
 from commtrain.parallel.ddp_hook import CommtrainHookState, commtrain_hook
 from tests.dist_utils import run_ranks
 
@@ -28,7 +29,7 @@ def _train(rank, world, hook_codec, steps=STEPS, **state_kw):
     ddp = DDP(model, bucket_cap_mb=0.004)  # several buckets, mixed big/small tensors
     state = None
     if hook_codec is not None:
-        state = CommtrainHookState(codec=hook_codec, **state_kw)
+        state = CommtrainHookState(CompressionConfig(grad=hook_codec, **state_kw))
         ddp.register_comm_hook(state, commtrain_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     losses = []
@@ -51,7 +52,7 @@ def _hook_worker(rank, world):
         "stock": _train(rank, world, None),
         "none": _train(rank, world, "none"),
         "quant4": _train(rank, world, "quant:bits=4,group=64", min_numel=512, warmup_steps=1),
-        "powersgd": _train(rank, world, "powersgd:rank=2", min_numel=512, warmup_steps=1),
+        "powersgd": _train(rank, world, "powersgd:rank=2,start_iter=1", min_numel=512, warmup_steps=1),
     }
 
 
@@ -81,10 +82,10 @@ def test_quant_hook_keeps_ef_residuals_per_bucket(runs):
     sd = runs[0]["quant4"]["sd"]
     assert sd["iteration"] == STEPS
     assert sd["ef"] and all(k.startswith("bucket") for k in sd["ef"])
-    state = CommtrainHookState(codec="quant:bits=4,group=64", comm=_NoComm())
+    state = CommtrainHookState(CompressionConfig(grad="quant:bits=4,group=64"), comm=_NoComm())
     state.load_state_dict(sd)
     assert state.iteration == STEPS
-    assert all(torch.equal(state.wire_codec.residuals[k], v) for k, v in sd["ef"].items())
+    assert all(torch.equal(state.compression.wire.residuals[k], v) for k, v in sd["ef"].items())
 
 
 class _NoComm:
@@ -92,7 +93,7 @@ class _NoComm:
 
 
 def test_split_policy_sends_small_and_1d_exactly():
-    state = CommtrainHookState(codec="quant:bits=4", comm=_NoComm(), min_numel=100)
+    state = CommtrainHookState(CompressionConfig(grad="quant:bits=4", min_numel=100), comm=_NoComm())
     params = [torch.zeros(10, 20), torch.zeros(20), torch.zeros(5, 4), torch.zeros(30, 10)]
     buf = torch.zeros(sum(p.numel() for p in params))
     grads, off = [], 0

@@ -9,7 +9,7 @@ import torch
 from commtrain.compress import build_codec
 from commtrain.hardware import available_hardware, available_interconnects, load_hardware, load_interconnect
 from commtrain.models import ModelConfig, build_model
-from commtrain.parallel.reducer import build_buckets
+from commtrain.parallel.buckets import build_buckets
 from commtrain.perfmodel import (
     LinkNetwork, bubble_fraction, compare_main, describe_model, predict_step, split_codec_list,
 )

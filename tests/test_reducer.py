@@ -8,7 +8,9 @@ import torch
 
 from commtrain.compress import build_codec
 from commtrain.parallel.powersgd import PowerSGDReducer
-from commtrain.parallel.reducer import GradReducer, ReduceConfig, build_buckets
+from commtrain.parallel import ParallelConfig, build_buckets
+from commtrain.parallel.compression import CompressionConfig, GradCompression
+from commtrain.parallel.sync import GradReducer
 from tests.dist_utils import run_ranks
 
 STEPS = 4
@@ -26,6 +28,12 @@ def batch(step, n=16):
     teacher = torch.Generator().manual_seed(1)
     w = torch.randn(16, 4, generator=teacher)
     return x, torch.tanh(x @ w)  # learnable targets: loss curves mean something
+
+
+def make_reducer(model, comm, codec="none", bucket_mb=4.0, overlap=True, **compression):
+    """A GradReducer over ``comm`` compressing with ``codec`` (the ``compression.*`` keys in ``compression``)."""
+    gc = GradCompression(CompressionConfig(grad=codec, **compression), comm)
+    return GradReducer(model.named_parameters(), gc, bucket_mb=bucket_mb, overlap=overlap)
 
 
 def loss_fn(model, x, y):
@@ -48,7 +56,7 @@ def _dp_worker(rank, world, mode, cfg_kwargs):
 
     model = make_model()
     comm = Communicator(timeout_s=60)
-    red = GradReducer(model.named_parameters(), comm, ReduceConfig(**cfg_kwargs))
+    red = make_reducer(model, comm, **cfg_kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     per_step_bytes, codecs, losses, launched = [], [], [], []
     for s in range(STEPS):
@@ -135,13 +143,13 @@ def test_policy_warmup_and_small_tensors_uncompressed(dp_runs):
 
 def test_ef_state_dict_round_trip():
     model = make_model()
-    red = GradReducer(model.named_parameters(), _FakeComm(), ReduceConfig(codec="fp16", min_numel=512))
-    red.wire_codec.residuals["bucket0/ar"] = torch.randn(10)
+    red = make_reducer(model, _FakeComm(), codec="fp16", min_numel=512)
+    red.compression.wire.residuals["bucket0/ar"] = torch.randn(10)
     sd = red.state_dict()
-    red2 = GradReducer(make_model().named_parameters(), _FakeComm(), ReduceConfig(codec="fp16", min_numel=512))
+    red2 = make_reducer(make_model(), _FakeComm(), codec="fp16", min_numel=512)
     red2.load_state_dict(sd)
-    assert torch.equal(red2.wire_codec.residuals["bucket0/ar"], sd["ef"]["bucket0/ar"])
-    red3 = GradReducer(make_model().named_parameters(), _FakeComm(), ReduceConfig(codec="fp16", error_feedback=False))
+    assert torch.equal(red2.compression.wire.residuals["bucket0/ar"], sd["ef"]["bucket0/ar"])
+    red3 = make_reducer(make_model(), _FakeComm(), codec="fp16", error_feedback=False)
     with pytest.raises(ValueError, match="error_feedback"):
         red3.load_state_dict(sd)
 
@@ -154,9 +162,9 @@ def test_bucketing_reverse_order_and_config_errors():
     assert by[True] == ["2.weight", "0.weight"]
     assert by[False] == ["4.bias", "4.weight", "2.bias", "0.bias"]
     with pytest.raises(ValueError, match="bucket_mb"):
-        ReduceConfig(bucket_mb=0)
+        ParallelConfig(bucket_mb=0).validate()
     with pytest.raises(ValueError, match="min_numel"):
-        ReduceConfig(min_numel=-1)
+        CompressionConfig(min_numel=-1).validate()
 
 
 class _FakeComm:
@@ -205,8 +213,7 @@ def _powersgd_worker(rank, world):
     exact_err = (got - u @ v * 1.5).abs().max().item()
     # 2) Training a model: loss decreases, replicas identical, bytes = P and Q factors only.
     model = make_model()
-    red = GradReducer(model.named_parameters(), comm,
-                      ReduceConfig(codec="powersgd:rank=2", min_numel=512, bucket_mb=0.006))
+    red = make_reducer(model, comm, codec="powersgd:rank=2", min_numel=512, bucket_mb=0.006)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = batch(0, 64)
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -248,7 +255,7 @@ POLICY_RUNS = {
     "fast_auto": ("1000gbit", "quant:bits=4", "auto"),     # raw 16 KB takes ~0.1 us: never pays
     "fast_always": ("1000gbit", "quant:bits=4", "always"),
     "slow_auto": ("1mbit", "quant:bits=4", "auto"),        # raw 16 KB takes ~130 ms: always pays
-    "slow_auto_powersgd": ("1mbit", "powersgd:rank=2", "auto"),
+    "slow_auto_powersgd": ("1mbit", "powersgd:rank=2,start_iter=0", "auto"),
     "unknown_bw_auto": (None, "quant:bits=4", "auto"),     # no bandwidth: compress as configured
 }
 
@@ -260,8 +267,7 @@ def _policy_worker(rank, world):
     for name, (link, codec, policy) in POLICY_RUNS.items():
         model = make_model()
         comm = Communicator(link=LinkModel.parse(link) if link else None, timeout_s=60)
-        red = GradReducer(model.named_parameters(), comm,
-                          ReduceConfig(codec=codec, policy=policy, min_numel=512, bucket_mb=0.006))
+        red = make_reducer(model, comm, codec=codec, policy=policy, min_numel=512, bucket_mb=0.006)
         x, y = batch(0)
         red.begin_step(0)
         loss_fn(model, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
@@ -298,7 +304,7 @@ def test_policy_auto_fast_link_sends_raw(policy_runs):
 
 
 def test_policy_auto_slow_link_compresses(policy_runs):
-    for name, spec in (("slow_auto", "quant:bits=4"), ("slow_auto_powersgd", "powersgd:rank=2")):
+    for name, spec in (("slow_auto", "quant:bits=4"), ("slow_auto_powersgd", "powersgd:rank=2,start_iter=0")):
         o = policy_runs[name][0]
         assert all(r["compress"] for r in o["report"]), o["report"]
         assert all(r["compressed_s"] < r["raw_s"] / 2 for r in o["report"])

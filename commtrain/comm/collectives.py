@@ -25,31 +25,29 @@ from __future__ import annotations
 
 import torch
 
-from . import codecs as C
+from . import protocol as C
+from .price import chunk_bounds, chunk_payloads
+from .protocol import WireCodec
 from .wire import Wire
 
-
-def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) of each of ``parts`` contiguous chunks of ``ceil(numel / parts)`` elements."""
-    c = -(-numel // parts)
-    return [(min(j * c, numel), min((j + 1) * c, numel)) for j in range(parts)]
+__all__ = ["all_gather_packets", "all_reduce", "chunk_bounds", "reduce_scatter"]
 
 
-def reduce_scatter(wire: Wire, flat: torch.Tensor, codec, channel: str, op: str, key: str | None) -> torch.Tensor:
+def reduce_scatter(wire: Wire, flat: torch.Tensor, codec: WireCodec, channel: str, op: str, key: str | None) -> torch.Tensor:
     """This rank's chunk of the sum (or mean) over ranks, in fp32."""
     p, r, dtype = wire.world_size, wire.rank, flat.dtype
     bounds = chunk_bounds(flat.numel(), p)
-    sizes = [C.payload_nbytes(codec, hi - lo, dtype) for lo, hi in bounds]
+    sizes = chunk_payloads(codec, flat.numel(), dtype, p)
 
     payloads, send_splits = [], []
     for j, (lo, hi) in enumerate(bounds):
         if j == r:
             send_splits.append(0)
             continue
-        pkt = C.compress(codec, flat[lo:hi], key, f"rs/{j}")
-        if pkt.payload.numel() != sizes[j]:
-            raise RuntimeError(f"codec {codec!r}: packet of {pkt.payload.numel()} bytes, payload_nbytes says {sizes[j]}")
-        payloads.append(pkt.payload)
+        payload = C.compress(codec, flat[lo:hi], key, f"rs/{j}")
+        if payload.numel() != sizes[j]:
+            raise RuntimeError(f"codec {codec!r}: packet of {payload.numel()} bytes, payload_nbytes says {sizes[j]}")
+        payloads.append(payload)
         send_splits.append(sizes[j])
     send = torch.cat(payloads) if payloads else flat.new_empty(0, dtype=torch.uint8)
     recv_splits = [0 if i == r else sizes[r] for i in range(p)]
@@ -65,20 +63,21 @@ def reduce_scatter(wire: Wire, flat: torch.Tensor, codec, channel: str, op: str,
     return acc
 
 
-def all_gather_packets(wire: Wire, part: torch.Tensor, numels: list[int], codec, channel: str, key: str | None) -> list[torch.Tensor]:
+def all_gather_packets(wire: Wire, part: torch.Tensor, numels: list[int], codec: WireCodec, channel: str,
+                       key: str | None) -> list[torch.Tensor]:
     """Every rank's ``part`` (rank i's has ``numels[i]`` elements), decompressed, flat."""
     dtype = part.dtype
-    sizes = [C.payload_nbytes(codec, n, dtype) for n in numels]
-    pkt = C.compress(codec, part, key, "ag")
-    if pkt.payload.numel() != sizes[wire.rank]:
-        raise RuntimeError(f"codec {codec!r}: packet of {pkt.payload.numel()} bytes, payload_nbytes says {sizes[wire.rank]}")
-    payloads = wire.all_gather(pkt.payload, sizes, channel)
+    sizes = [codec.payload_nbytes(n, dtype) for n in numels]
+    payload = C.compress(codec, part, key, "ag")
+    if payload.numel() != sizes[wire.rank]:
+        raise RuntimeError(f"codec {codec!r}: packet of {payload.numel()} bytes, payload_nbytes says {sizes[wire.rank]}")
+    payloads = wire.all_gather(payload, sizes, channel)
     return [C.decompress(codec, payloads[i], (numels[i],), dtype) for i in range(wire.world_size)]
 
 
-def all_reduce(wire: Wire, t: torch.Tensor, codec, channel: str, op: str, key: str | None) -> torch.Tensor:
+def all_reduce(wire: Wire, t: torch.Tensor, codec: WireCodec, channel: str, op: str, key: str | None) -> torch.Tensor:
     p = wire.world_size
-    wire_dtype = C.summable_dtype(codec, t.dtype)
+    wire_dtype = codec.summable_dtype(t.dtype)  # the path price.all_reduce prices too
     if wire_dtype is not None:
         return _summable_all_reduce(wire, t, codec, wire_dtype, channel, op, key)
     flat = t.reshape(-1)
@@ -90,10 +89,9 @@ def all_reduce(wire: Wire, t: torch.Tensor, codec, channel: str, op: str, key: s
 
 def _summable_all_reduce(wire, t, codec, wire_dtype, channel, op, key):
     p = wire.world_size
-    pre_divide = op == "mean" and not C.is_lossless(codec)
+    pre_divide = op == "mean" and not codec.lossless
     x = t / p if pre_divide else t
-    pkt = C.compress(codec, x, key, "ar")
-    buf = pkt.payload.view(wire_dtype)
+    buf = C.compress(codec, x, key, "ar").view(wire_dtype)
     if buf.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         buf = buf.clone()  # ``none`` packs by reinterpreting memory: never reduce into t itself
     wire.all_reduce(buf, channel)

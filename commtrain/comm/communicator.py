@@ -2,7 +2,13 @@
 
 >>> comm = Communicator(link=load_link_profile("1gbit"))
 >>> g = comm.all_reduce(grad, build_codec("quant:bits=4"), channel="grad", key="layer0.w")
->>> h = comm.send(act, dst=1, codec=codec, channel="act", async_op=True); ...; h.wait()
+>>> h = comm.send_packet(payload, dst=1, channel="act", async_op=True); ...; h.wait()
+>>> rehearsal = Communicator.loopback(world_size=4, link=link)   # the real collectives, no network
+
+comm moves bytes: collectives take a codec through the one protocol of :mod:`.protocol`;
+point to point moves packets of a known size (``send_packet`` / ``recv_packet``), and
+``send`` / ``recv`` are the same with a stateless codec applied around them. Whatever keeps
+state about what was sent (AC-SGD buffers, error-feedback residuals) lives above comm.
 
 Ranks (``rank``, ``dst``, ``src``) are ranks *within the communicator's group*.
 Each call validates its arguments in the caller's thread, then runs on a FIFO worker:
@@ -17,12 +23,12 @@ import threading
 import torch
 import torch.distributed as dist
 
-from . import codecs as C
 from . import collectives
+from . import protocol as C
 from .handle import Handle, Worker
 from .link import LinkModel
 from .meter import ByteMeter, check_channel
-from .wire import Wire
+from .wire import LoopbackWire, Wire
 
 OPS = ("mean", "sum")
 
@@ -35,8 +41,9 @@ def _check_tensor(t, what: str = "t") -> None:
 
 
 class Communicator:
-    def __init__(self, group=None, link: LinkModel | None = None, meter: ByteMeter | None = None, timeout_s: float = 300):
-        if not dist.is_available() or not dist.is_initialized():
+    def __init__(self, group=None, link: LinkModel | None = None, meter: ByteMeter | None = None, timeout_s: float = 300,
+                 wire: Wire | None = None):
+        if wire is None and (not dist.is_available() or not dist.is_initialized()):
             raise RuntimeError("Communicator needs torch.distributed initialised: call dist.init_process_group first")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"timeout_s={timeout_s!r} is invalid; allowed: a number > 0")
@@ -44,7 +51,7 @@ class Communicator:
         self.link = link if link is not None else LinkModel(name="unthrottled")
         self.meter = meter if meter is not None else ByteMeter()
         self.timeout_s = float(timeout_s)
-        self.wire = Wire(group, self.link, self.meter)
+        self.wire = wire if wire is not None else Wire(group, self.link, self.meter)
         self.rank, self.world_size = self.wire.rank, self.wire.world_size
         self._coll = Worker(f"commtrain-coll-r{self.rank}")
         self._send = Worker(f"commtrain-send-r{self.rank}")
@@ -52,12 +59,23 @@ class Communicator:
         self.wait_s = 0.0  # seconds callers spent blocked in wait(): communication not hidden by compute
         self._wait_lock = threading.Lock()
 
-    def _add_wait(self, seconds: float) -> None:
+    @classmethod
+    def loopback(cls, world_size: int, link: LinkModel | None = None) -> "Communicator":
+        """A Communicator over a :class:`LoopbackWire`: rank 0 of ``world_size`` mirrored
+        replicas. Runs the real collective code with its codec work, meters it with the price
+        list and records modeled link seconds (``meter.modeled_s``), but sends nothing."""
+        meter = ByteMeter()
+        return cls(link=link, meter=meter, wire=LoopbackWire(world_size, link, meter))
+
+    def add_wait(self, seconds: float) -> None:
+        """Book ``seconds`` of exposed communication (time a caller was blocked on this
+        group's traffic): the handles do it themselves; a layer that waits through its own
+        worker (the pipeline's decode thread) books its compute thread's wait here."""
         with self._wait_lock:
             self.wait_s += seconds
 
     def _run(self, worker: Worker, fn, what: str, async_op: bool):
-        handle = Handle(worker.submit(fn), what, self.timeout_s, on_wait=self._add_wait)
+        handle = Handle(worker.submit(fn), what, self.timeout_s, on_wait=self.add_wait)
         return handle if async_op else handle.wait()
 
     def _check(self, codec, channel: str, op: str | None = None) -> None:
@@ -138,24 +156,58 @@ class Communicator:
     def barrier(self) -> None:
         self._run(self._coll, self.wire.barrier, "barrier", async_op=False)
 
-    # -- point to point ----------------------------------------------------------------------
-    def send(self, t: torch.Tensor, dst: int, codec, channel: str = "act", key: str | None = None, async_op: bool = False):
-        """Send ``t`` compressed to ``dst``. Compression happens now, in the caller's thread, so
-        ``t`` may be reused at once and stateful codecs see sends in call order."""
+    def agree_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise max of a small float tensor over the group (a control message, so that
+        every rank takes the same decision; it is metered on no channel). Runs on the
+        collective worker, in order with the data collectives."""
         _check_tensor(t)
-        self._check(codec, channel)
+
+        def job():
+            out = t.clone()
+            if self.world_size > 1 and not isinstance(self.wire, LoopbackWire):
+                dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+            return out
+
+        return self._run(self._coll, job, "agree_max", async_op=False)
+
+    # -- point to point ----------------------------------------------------------------------
+    def send_packet(self, payload: torch.Tensor, dst: int, channel: str = "act", async_op: bool = False):
+        """Send the uint8 ``payload`` to ``dst``; the receiver knows its size in advance."""
+        check_channel(channel)
         self._check_peer(dst, "dst")
-        payload = C.compress(codec, t, key, "p2p").payload
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise TypeError(f"payload must be a 1-D torch.uint8 tensor (packed bytes), got {getattr(payload, 'dtype', type(payload))}")
         return self._run(self._send, lambda: self.wire.send(payload, dst, channel), f"send[{channel}]->{dst}", async_op)
 
+    def recv_packet(self, nbytes: int, src: int, channel: str = "act", device=None, async_op: bool = False):
+        """Receive ``nbytes`` packed bytes sent by ``src`` (a 1-D uint8 tensor)."""
+        check_channel(channel)
+        self._check_peer(src, "src")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes={nbytes!r} is invalid; allowed: an integer >= 0")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+
+        def job():
+            return self.wire.recv(torch.empty(nbytes, dtype=torch.uint8, device=device), src)
+
+        return self._run(self._recv, job, f"recv[{channel}]<-{src}", async_op)
+
+    def send(self, t: torch.Tensor, dst: int, codec, channel: str = "act", async_op: bool = False):
+        """``send_packet`` of ``t`` compressed with a stateless ``codec``. Compression happens
+        now, in the caller's thread, so ``t`` may be reused at once."""
+        _check_tensor(t)
+        self._check(codec, channel)
+        return self.send_packet(C.compress(codec, t, None, "p2p"), dst, channel, async_op)
+
     def recv(self, shape, dtype: torch.dtype, src: int, codec, channel: str = "act", device=None, async_op: bool = False):
-        """Receive a tensor of ``shape``/``dtype`` sent by ``src`` with the same codec."""
+        """Receive a tensor of ``shape``/``dtype`` sent by ``src`` with ``send`` and the same
+        stateless codec (decoded on the receive worker)."""
         self._check(codec, channel)
         self._check_peer(src, "src")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype={dtype!r} is invalid; allowed: a floating-point torch.dtype")
         shape = torch.Size(shape)
-        nbytes = C.payload_nbytes(codec, shape.numel(), dtype)
+        nbytes = codec.payload_nbytes(shape.numel(), dtype)
         device = torch.device(device) if device is not None else torch.device("cpu")
 
         def job():

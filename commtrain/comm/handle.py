@@ -25,7 +25,10 @@ class Handle:
         self._future, self._what, self._timeout_s = future, what, timeout_s
         self._on_wait = on_wait
 
-    def wait(self, timeout: float | None = None) -> Any:
+    def wait(self, timeout: float | None = None, exposed: bool = True) -> Any:
+        """The result (or the operation's error; TimeoutError after the timeout). ``exposed``:
+        count the time blocked here as exposed communication (False for a background thread
+        that waits on behalf of the compute thread, which counts its own wait)."""
         limit = self._timeout_s if timeout is None else timeout
         t0 = time.perf_counter()
         try:
@@ -35,11 +38,16 @@ class Handle:
                 f"{self._what} did not complete within {limit:g} s (a dead or stalled peer?)"
             ) from None
         finally:
-            if self._on_wait is not None:  # time the caller was blocked: the *exposed* communication
+            if self._on_wait is not None and exposed:  # time the caller was blocked: *exposed* communication
                 self._on_wait(time.perf_counter() - t0)
 
     def is_completed(self) -> bool:
         return self._future.done()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once the operation has finished (at once if it has), on whichever
+        thread finishes it: e.g. to complete a ``torch.futures.Future`` for a DDP comm hook."""
+        self._future.add_done_callback(lambda _: fn())
 
     def __repr__(self) -> str:
         return f"Handle({self._what}, done={self.is_completed()})"

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -176,3 +177,34 @@ def resolve_link(link: "LinkModel | str | None") -> LinkModel:
         return LinkModel.parse(link)
     except ValueError as e:
         raise ValueError(f"{e}; or a profile name: {', '.join(available_link_profiles())}") from None
+
+
+@dataclass
+class LinkConfig:
+    """The ``link`` section: a named profile, or a bandwidth/latency pair, or nothing (unthrottled)."""
+
+    profile: Optional[str] = None  # a link profile name (e.g. 100mbit, 1gbit, 10gbit) or a YAML path
+    bandwidth: Optional[str] = None  # e.g. "100mbit", "1gbit", "12.5GB" (per second)
+    latency: Optional[str] = None  # e.g. "50us", "1ms"
+
+    def validate(self) -> None:
+        from ..validate import ConfigError
+
+        if self.profile is not None and (self.bandwidth is not None or self.latency is not None):
+            raise ConfigError(
+                f"link: give either link.profile ({self.profile!r}) or link.bandwidth/link.latency, not both"
+            )
+        try:
+            self.build()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"link: {e}") from None
+
+    def build(self) -> LinkModel | None:
+        """The LinkModel this section describes, or None for an unthrottled link."""
+        if self.profile is not None:
+            return load_link_profile(self.profile)
+        if self.bandwidth is None and self.latency is None:
+            return None
+        if self.bandwidth is None:  # a latency-only link has no bandwidth cap
+            return LinkModel(None, parse_latency(self.latency), name=f"latency {self.latency}")
+        return LinkModel.parse(f"{self.bandwidth},{self.latency or '0s'}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import price
 from .link import LinkModel
 from .meter import ByteMeter
 
@@ -51,6 +52,9 @@ class Wire:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
+    def _reserve(self, c: price.Cost) -> tuple[float, float]:
+        return self.link.reserve(c.nbytes, rounds=c.rounds)
+
     def _finish(self, channel: str, nbytes: int, deadline: float, cost: float, device: torch.device) -> None:
         self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
         if self.link.throttled:
@@ -62,12 +66,11 @@ class Wire:
     def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], channel: str) -> torch.Tensor:
         """Exchange uint8 packets: ``send`` is this rank's packets back to back, ``send_splits[j]``
         bytes for rank j; returns the received bytes, ``recv_splits[i]`` from rank i."""
-        p = self.world_size
-        nbytes = sum(send_splits) - send_splits[self.rank]
-        deadline, cost = self.link.reserve(nbytes, rounds=p - 1)
+        c = price.all_to_all(send_splits, self.rank)
+        deadline, cost = self._reserve(c)
         out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
-        self._finish(channel, nbytes, deadline, cost, send.device)
+        self._finish(channel, c.nbytes, deadline, cost, send.device)
         return out
 
     def all_gather(self, payload: torch.Tensor, sizes: list[int], channel: str) -> list[torch.Tensor]:
@@ -75,8 +78,8 @@ class Wire:
         p, r = self.world_size, self.rank
         if payload.numel() != sizes[r]:
             raise ValueError(f"all_gather: own packet has {payload.numel()} bytes, sizes[{r}]={sizes[r]}")
-        nbytes = (p - 1) * sizes[r]
-        deadline, cost = self.link.reserve(nbytes, rounds=p - 1)
+        c = price.all_gather(sizes, r)
+        deadline, cost = self._reserve(c)
         if all(s == sizes[0] for s in sizes):
             out = torch.empty(p * sizes[0], dtype=torch.uint8, device=payload.device)
             getattr(dist, ALL_GATHER)(out, payload, group=self.group)
@@ -88,17 +91,15 @@ class Wire:
             dist.all_to_all_single(out, payload.repeat(p - 1), recv_splits, send_splits, group=self.group)
             parts = list(out.split(recv_splits))
         parts[r] = payload
-        self._finish(channel, nbytes, deadline, cost, payload.device)
+        self._finish(channel, c.nbytes, deadline, cost, payload.device)
         return parts
 
     def all_reduce(self, buf: torch.Tensor, channel: str) -> torch.Tensor:
         """In-place SUM of a summable payload (in its wire dtype) over the group."""
-        p = self.world_size
-        payload_bytes = buf.numel() * buf.element_size()
-        nbytes = 2 * (p - 1) * payload_bytes // p
-        deadline, cost = self.link.reserve(nbytes, rounds=2 * (p - 1))
+        c = price.ring_all_reduce(buf.numel() * buf.element_size(), self.world_size)
+        deadline, cost = self._reserve(c)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
-        self._finish(channel, nbytes, deadline, cost, buf.device)
+        self._finish(channel, c.nbytes, deadline, cost, buf.device)
         return buf
 
     def barrier(self) -> None:
@@ -106,15 +107,73 @@ class Wire:
 
     # -- point to point ------------------------------------------------------------------
     def send(self, payload: torch.Tensor, dst: int, channel: str) -> None:
-        nbytes = payload.numel()
-        deadline, cost = self.link.reserve(nbytes, rounds=1)
+        c = price.p2p(payload.numel())
+        deadline, cost = self._reserve(c)
         if self.link.throttled:
             LinkModel.wait_until(deadline)  # the sender holds the bytes until the link would deliver them
-        if nbytes:
+        if c.nbytes:
             dist.send(payload, self.global_rank(dst), group=self.group)
-        self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
+        self.meter.add(channel, c.nbytes, ops=1, modeled_s=cost)
 
     def recv(self, buf: torch.Tensor, src: int) -> torch.Tensor:
         if buf.numel():
             dist.recv(buf, self.global_rank(src), group=self.group)
         return buf
+
+
+class LoopbackWire(Wire):
+    """A wire whose peers are mirrors of this rank: every message comes back to its sender.
+
+    Rank 0 of a ``world_size``-rank group in which every peer holds the same tensor and the
+    same codec state. Each operation is metered (with the same price list) and its modeled
+    link seconds recorded, but never slept: it exists to *rehearse* the real collective code
+    locally -- its codec work timed, its bytes and link time priced -- without a network.
+    Mirroring needs equal packets from every peer, i.e. a tensor whose length divides evenly
+    into the chunks (the caller pads to a multiple of ``world_size``).
+    """
+
+    def __init__(self, world_size: int, link: LinkModel | None = None, meter: ByteMeter | None = None):
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size={world_size!r} is invalid; allowed: an integer >= 1")
+        self.group, self.rank, self.world_size = None, 0, world_size
+        self.link = link if link is not None else LinkModel(name="unthrottled")
+        self.meter = meter if meter is not None else ByteMeter()
+
+    def global_rank(self, group_rank: int) -> int:
+        return group_rank
+
+    def _reserve(self, c: price.Cost) -> tuple[float, float]:
+        return 0.0, self.link.cost_s(c.nbytes, c.rounds)  # priced, never booked or slept
+
+    def _finish(self, channel, nbytes, deadline, cost, device) -> None:
+        self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
+
+    def all_to_all(self, send, send_splits, recv_splits, channel):
+        mine = [s for j, s in enumerate(send_splits) if j != self.rank]
+        theirs = [s for i, s in enumerate(recv_splits) if i != self.rank]
+        if mine != theirs:
+            raise ValueError(f"LoopbackWire.all_to_all: mirrored peers need equal packets, got {send_splits} / {recv_splits}")
+        c = price.all_to_all(send_splits, self.rank)
+        self._finish(channel, c.nbytes, *self._reserve(c), send.device)
+        return send
+
+    def all_gather(self, payload, sizes, channel):
+        if any(s != sizes[self.rank] for s in sizes):
+            raise ValueError(f"LoopbackWire.all_gather: mirrored peers need equal packets, got {sizes}")
+        c = price.all_gather(sizes, self.rank)
+        self._finish(channel, c.nbytes, *self._reserve(c), payload.device)
+        return [payload] * self.world_size
+
+    def all_reduce(self, buf, channel):
+        c = price.ring_all_reduce(buf.numel() * buf.element_size(), self.world_size)
+        self._finish(channel, c.nbytes, *self._reserve(c), buf.device)
+        return buf.mul_(self.world_size)  # the sum over identical replicas
+
+    def barrier(self) -> None:
+        pass
+
+    def send(self, payload, dst, channel):
+        raise NotImplementedError("LoopbackWire rehearses collectives; it has no peer to send to")
+
+    def recv(self, buf, src):
+        raise NotImplementedError("LoopbackWire rehearses collectives; it has no peer to receive from")

@@ -78,6 +78,8 @@ class Codec:
     needs_shared_seed: ClassVar[bool] = False
     # encode() receives the input in its own dtype (else: as float32) and decode() returns it.
     native_dtype: ClassVar[bool] = False
+    # The dtype a summable codec's payload holds (the casts); None: not a plain float array.
+    wire_dtype: ClassVar[torch.dtype | None] = None
 
     kernel: str = "auto"
     seed: int = 0
@@ -107,7 +109,9 @@ class Codec:
             raise ValueError(f"{self.name}: seed={self.seed!r} is invalid; allowed: an integer >= 0")
         self.validate()
 
-    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Packet:
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None, *, key: str | None = None) -> Packet:
+        """``x`` as a packet. ``key`` names the tensor for stateful wrappers (error feedback);
+        a codec itself is stateless across calls (but for its RNG) and ignores it."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
@@ -137,6 +141,17 @@ class Codec:
         if self.native_dtype:
             return self.decode(pkt.payload, n, pkt.dtype).reshape(pkt.shape)
         return self.decode(pkt.payload, n).to(pkt.dtype).reshape(pkt.shape)
+
+    def summable_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype in which payloads of this codec (for inputs of ``dtype``) can be summed by
+        a plain ``dist.all_reduce``, or None: ``none`` sums in the input's own dtype, the casts
+        in their ``wire_dtype``; every other codec needs the compressed all-reduce."""
+        if not self.summable:
+            return None
+        wd = dtype if (self.lossless and self.native_dtype) else self.wire_dtype
+        if not isinstance(wd, torch.dtype) or not wd.is_floating_point:
+            return None
+        return wd
 
     def wire_nbytes(self, shape_or_numel, dtype: torch.dtype = torch.float32) -> int:
         """Bytes on the wire for one tensor of this shape (used by the perf model)."""

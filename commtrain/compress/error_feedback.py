@@ -24,13 +24,63 @@ from .packet import Packet
 
 
 class ErrorFeedback:
+    """Error feedback around ``codec``. It is a codec to the wire (the same protocol:
+    ``compress(x, key=...)``, ``decompress``, ``payload_nbytes``, ``summable_dtype``, ``spec``,
+    ``lossless``) whose ``compress`` needs the stable ``key`` of the tensor it carries.
+
+    Non-finite input: where ``x + e`` (or its decoded packet) is not finite, the residual keeps
+    its previous value instead of becoming NaN/inf, so one bad gradient does not poison every
+    later step of that tensor. Such elements are counted (``nonfinite``, ``take_nonfinite()``)
+    for the caller to report; the packet itself carries the non-finite values (the caller's
+    non-finite guard decides what to do with the step).
+    """
+
     def __init__(self, codec: Codec | str | Mapping):
         self.codec = build_codec(codec)
         self.residuals: dict[str, torch.Tensor] = {}
+        self._nonfinite: torch.Tensor | int = 0  # elements whose residual update was refused
 
-    def compress(self, x: torch.Tensor, key: str, generator: torch.Generator | None = None) -> Packet:
+    # -- what the wire needs (the codec protocol) -------------------------------------------
+    @property
+    def spec(self) -> str:
+        return self.codec.spec
+
+    @property
+    def lossless(self) -> bool:
+        return self.codec.lossless
+
+    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        return self.codec.payload_nbytes(numel, dtype)
+
+    def wire_nbytes(self, shape_or_numel, dtype: torch.dtype = torch.float32) -> int:
+        return self.codec.wire_nbytes(shape_or_numel, dtype)
+
+    # The wrapped codec's mathematical properties (EF changes what is sent over time, not these).
+    @property
+    def unbiased(self) -> bool:
+        return self.codec.unbiased
+
+    @property
+    def contractive(self) -> bool:
+        return self.codec.contractive
+
+    def properties(self) -> dict[str, bool]:
+        return self.codec.properties()
+
+    def summable_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        return self.codec.summable_dtype(dtype)
+
+    def compress(self, x: torch.Tensor, key: str | None = None, generator: torch.Generator | None = None) -> Packet:
+        if key is None:
+            raise ValueError(
+                "ErrorFeedback: key=None is invalid: error feedback keeps a residual per tensor, so every "
+                "call needs a stable key (e.g. the parameter/bucket name)"
+            )
         if not isinstance(key, str):
-            raise TypeError(f"ErrorFeedback: key must be a stable tensor name (str), got {type(key).__name__}")
+            raise TypeError(
+                f"ErrorFeedback: key must be a stable tensor name (str), got {type(key).__name__}: error feedback "
+                f"keeps a residual per tensor, so every call needs the same key for the same tensor"
+            )
         e = self.residuals.get(key)
         if e is not None and e.shape != x.shape:
             raise ValueError(
@@ -41,29 +91,28 @@ class ErrorFeedback:
             e = e.to(x.device)
         corrected = x.detach().float() if e is None else x.detach().float() + e
         pkt = self.codec.compress(corrected.to(x.dtype), generator)
-        self.residuals[key] = corrected - self.codec.decompress(pkt).float()
+        new = corrected - self.codec.decompress(pkt).float()
+        # No host sync: keep the old residual (or 0) wherever the update is not finite.
+        finite = torch.isfinite(new)
+        self.residuals[key] = torch.where(finite, new, e if e is not None else torch.zeros_like(new))
+        self._nonfinite = self._nonfinite + (~finite).sum()
         return pkt
 
     def decompress(self, pkt: Packet) -> torch.Tensor:
         return self.codec.decompress(pkt)
 
-    # -- passthrough: the wrapper is a drop-in for its codec where a channel needs one ------
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self.codec.payload_nbytes(numel, dtype)
+    # -- bookkeeping --------------------------------------------------------------------------
+    def take_nonfinite(self) -> int:
+        """Elements whose residual update was refused (non-finite) since the last call."""
+        n, self._nonfinite = int(self._nonfinite), 0
+        return n
 
-    def wire_nbytes(self, shape_or_numel, dtype: torch.dtype = torch.float32) -> int:
-        return self.codec.wire_nbytes(shape_or_numel, dtype)
+    def forget(self, key: str) -> None:
+        """Drop the residuals of tensor ``key`` (every phase ``key/...`` of a collective too),
+        e.g. when the layout behind a key changed and its residual no longer applies."""
+        for k in [k for k in self.residuals if k == key or k.startswith(key + "/")]:
+            del self.residuals[k]
 
-    def properties(self) -> dict[str, bool]:
-        return self.codec.properties()
-
-    def __getattr__(self, name):
-        # lossless/unbiased/contractive/summable/needs_shared_seed/name/spec of the codec.
-        if name in ("lossless", "unbiased", "contractive", "summable", "needs_shared_seed", "name", "spec", "ops"):
-            return getattr(self.codec, name)
-        raise AttributeError(name)
-
-    # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.residuals.items()}
 

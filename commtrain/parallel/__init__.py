@@ -1,12 +1,15 @@
-"""Executors: the process mesh, data-parallel gradient reduction (own reducer or a DDP comm
-hook), PowerSGD, the ZeRO sharded optimizer, and (in ``pipeline/``) pipeline stages."""
+"""Parallelism: the process mesh, data-parallel gradient sync (one interface: plain DP with
+the overlapped compressed reducer, ZeRO 1/2; and a DDP comm hook), gradient compression
+shared by all of them, PowerSGD, and (in ``pipeline/``) pipeline stages and schedules."""
+from .buckets import Bucket, build_buckets
+from .compression import CompressionConfig, GradCompression
 from .ddp_hook import CommtrainHookState, commtrain_hook
-from .mesh import Mesh
+from .mesh import Mesh, ParallelConfig
 from .powersgd import PowerSGDReducer
-from .reducer import Bucket, GradReducer, ReduceConfig, build_buckets
-from .zero import ZeroOptimizer
+from .sync import DataParallel, GradReducer, GradSync, ZeroConfig, ZeroSync, build_sync
 
 __all__ = [
-    "Bucket", "CommtrainHookState", "GradReducer", "Mesh", "PowerSGDReducer", "ReduceConfig",
-    "ZeroOptimizer", "build_buckets", "commtrain_hook",
+    "Bucket", "CommtrainHookState", "CompressionConfig", "DataParallel", "GradCompression", "GradReducer",
+    "GradSync", "Mesh", "ParallelConfig", "PowerSGDReducer", "ZeroConfig", "ZeroSync", "build_buckets",
+    "build_sync", "commtrain_hook",
 ]

@@ -14,8 +14,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Optional
 
 import torch.distributed as dist
+
+from ..validate import ConfigError, integer, positive
+
+
+@dataclass
+class ParallelConfig:
+    """The ``parallel`` section: the mesh's degrees and how the work runs on it."""
+
+    dp: Optional[int] = None  # None: world_size // pp
+    pp: int = 1
+    schedule: str = "1f1b"  # a registered pipeline schedule
+    microbatches: int = 4
+    bucket_mb: float = 4.0  # gradient bucket size (MiB)
+    overlap: bool = True  # start each gradient bucket's reduction as soon as it is ready
+
+    def validate(self) -> None:
+        from .pipeline.schedules import available_schedules
+
+        integer(self, "parallel", "pp", 1)
+        integer(self, "parallel", "microbatches", 1)
+        positive(self, "parallel", "bucket_mb")
+        if self.dp is not None:
+            integer(self, "parallel", "dp", 1)
+        if self.schedule not in available_schedules():
+            raise ConfigError(f"parallel.schedule={self.schedule!r} is invalid; allowed: {', '.join(available_schedules())}")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"parallel.overlap={self.overlap!r} is invalid; allowed: true, false")
+
+    def degrees(self, world_size: int) -> tuple[int, int]:
+        """``(pp, dp)`` for ``world_size`` ranks (``dp`` None: the rest of the world), checked."""
+        dp = self.dp if self.dp is not None else world_size // self.pp
+        if dp < 1 or self.pp * dp != world_size:
+            raise ConfigError(
+                f"parallel.pp={self.pp} x parallel.dp={self.dp if self.dp is not None else 'auto'} "
+                f"must equal the world size {world_size} (pp * dp = {self.pp * max(dp, 0)})"
+            )
+        return self.pp, dp
 
 
 def _check_factor(name: str, value) -> None:

@@ -1,5 +1,5 @@
 """Pipeline parallelism: schedules as data, the executor, and AC-SGD activation channels."""
-from .acsgd import ActCompression, ActivationChannel, BoundActivation
+from .acsgd import ActivationChannel
 from .buffers import ActivationBuffer, available_storages, register_storage
 from .executor import PipelineEngine
 from .schedules import (
@@ -16,10 +16,8 @@ from .schedules import (
 )
 
 __all__ = [
-    "ActCompression",
     "ActivationBuffer",
     "ActivationChannel",
-    "BoundActivation",
     "PipelineEngine",
     "available_storages",
     "register_storage",

@@ -23,6 +23,10 @@ share (the step counter and the buffers' ``seen`` flags), so no header is needed
   in delta mode both ends then set ``m[id] = a``;
 * ``delta``: as above;
 * ``direct``: ``Q(a)`` with no buffers (``delta=False``), the baseline AC-SGD improves on.
+
+Every buffer update happens here, called by the pipeline executor on threads the pipeline
+owns (the compute thread encodes, the pipeline's decode worker decodes): the comm layer only
+moves the packets' bytes.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ import torch
 
 from commtrain.compress import Codec, Packet, build_codec
 
-from .buffers import PRECISIONS, ActivationBuffer, available_storages
+from ..compression import CompressionConfig
+from .buffers import ActivationBuffer
 
 MODES = ("full", "delta", "direct")
 
@@ -43,8 +48,9 @@ class ActivationChannel:
 
     ``codec``: any registry codec (spec or Codec), the ``compression.act`` setting.
     ``buffer``: the per-sample rows, required when ``delta`` (else ignored).
-    The executor calls :meth:`codec_for` to size a receive, then :meth:`encode` (sender)
-    or :meth:`decode` (receiver), and :meth:`end_step` once per optimizer step.
+    The executor fixes each microbatch's :meth:`mode` when the step starts, sizes a receive
+    with :meth:`payload_nbytes`, then calls :meth:`encode` (sender) or :meth:`decode`
+    (receiver), and :meth:`end_step` once per optimizer step.
     """
 
     def __init__(self, codec: str | Codec, delta: bool = True, warmup_steps: int = 0,
@@ -66,18 +72,33 @@ class ActivationChannel:
             return "direct"
         return "delta" if bool(self.buffer.seen(ids).all()) else "full"
 
-    def codec_for(self, ids: torch.Tensor) -> Codec:
-        """The codec whose packet carries this microbatch (sizes the receive)."""
-        return self.full_codec if self.mode(ids) == "full" else self.codec
+    def codec_for(self, mode: str) -> Codec:
+        """The codec whose packet carries a microbatch of this mode."""
+        return self.full_codec if mode == "full" else self.codec
+
+    def payload_nbytes(self, mode: str, numel: int, dtype: torch.dtype) -> int:
+        """Bytes of the packet of a microbatch of this mode (both ends know it in advance)."""
+        return self.codec_for(mode).payload_nbytes(numel, dtype)
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start loading the rows a later encode/decode of ``ids`` will read."""
         if self.buffer is not None:
             self.buffer.prefetch(ids)
 
-    def bind(self, ids: torch.Tensor) -> "BoundActivation":
-        """A codec-like object for one microbatch, with its mode fixed now (see BoundActivation)."""
-        return BoundActivation(self, ids, self.mode(ids))
+    @classmethod
+    def from_config(cls, cc: CompressionConfig, row_shape: tuple[int, ...], device, n_samples: int | None,
+                    path: str | None) -> "ActivationChannel":
+        """One end of a forward boundary from the ``compression`` section (sender and
+        receiver are built the same way)."""
+        buffer = None
+        if cc.act_delta:
+            if n_samples is None:
+                raise ValueError("compression.act_delta=true needs n_samples (the dataset size: one buffer row per sample)")
+            if cc.act_buffer == "mmap" and path is None:
+                raise ValueError("compression.act_buffer='mmap' needs out_dir (the buffer files live there)")
+            buffer = ActivationBuffer(n_samples, row_shape, cc.act_buffer, cc.act_buffer_dtype, device,
+                                      path=path, prefetch=cc.act_prefetch)
+        return cls(cc.act, cc.act_delta, cc.warmup_steps, buffer)
 
     # -- sender ----------------------------------------------------------------------------
     def encode(self, ids: torch.Tensor, a: torch.Tensor, mode: str | None = None) -> Packet:
@@ -127,76 +148,3 @@ class ActivationChannel:
             if "buffer" not in state:
                 raise ValueError("checkpoint has no AC-SGD buffer but this run uses act_delta=True")
             self.buffer.load_state_dict(state["buffer"])
-
-
-class BoundActivation:
-    """The channel bound to one microbatch's sample ids: duck-types a codec for the
-    Communicator (``compress``/``decompress``/``payload_nbytes``), so the AC-SGD packet goes
-    through the one metered, throttled p2p path like any other codec's.
-
-    The sender must compress exactly once -- it adds deQ of the very bytes it sends to its
-    own buffer -- which is what the Communicator's ``send(t, dst, codec)`` does with it.
-    The mode is decided at bind time (the executor binds every microbatch of a step when
-    the step starts; ids are distinct within a step, so no other microbatch of the step can
-    change this one's ``seen`` flags and both ends decide the same).
-    """
-
-    def __init__(self, channel: ActivationChannel, ids: torch.Tensor, mode: str):
-        self.channel, self.ids, self.mode = channel, ids, mode
-        self.wire_codec = channel.full_codec if mode == "full" else channel.codec
-
-    def payload_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
-        return self.wire_codec.payload_nbytes(numel, dtype)
-
-    def compress(self, x: torch.Tensor) -> Packet:
-        return self.channel.encode(self.ids, x, self.mode)
-
-    def decompress(self, pkt: Packet) -> torch.Tensor:
-        return self.channel.decode(self.ids, pkt, self.mode)
-
-    def __repr__(self) -> str:
-        return f"BoundActivation(mode={self.mode}, codec={self.wire_codec.spec}, n={self.ids.numel()})"
-
-
-@dataclass
-class ActCompression:
-    """The ``compression.act*`` settings of a pipeline boundary.
-
-    ``act``: codec spec for forward activations; ``act_grad``: codec spec for backward
-    activation gradients (always direct); ``act_delta``: AC-SGD delta mode (else direct
-    ``Q(a)``); ``act_warmup_steps``: steps sent uncompressed (in delta mode the first epoch
-    is a warm-up anyway: a microbatch holding an unseen sample goes uncompressed);
-    ``act_buffer`` / ``act_buffer_dtype``: where and at which precision m[id] lives;
-    ``act_prefetch``: read the next microbatch's rows in the background.
-    """
-
-    act: str = "none"
-    act_grad: str = "none"
-    act_delta: bool = False
-    act_warmup_steps: int = 0
-    act_buffer: str = "cpu"
-    act_buffer_dtype: str = "fp32"
-    act_prefetch: bool = True
-
-    def __post_init__(self):
-        build_codec(self.act), build_codec(self.act_grad)  # fail now, naming the bad spec
-        if not isinstance(self.act_delta, bool):
-            raise ValueError(f"compression.act_delta={self.act_delta!r} is invalid; allowed: true, false")
-        if not isinstance(self.act_warmup_steps, int) or isinstance(self.act_warmup_steps, bool) or self.act_warmup_steps < 0:
-            raise ValueError(f"compression.act_warmup_steps={self.act_warmup_steps!r} is invalid; allowed: an integer >= 0")
-        if self.act_buffer not in available_storages():
-            raise ValueError(f"compression.act_buffer={self.act_buffer!r} is invalid; allowed: {', '.join(available_storages())}")
-        if self.act_buffer_dtype not in PRECISIONS:
-            raise ValueError(f"compression.act_buffer_dtype={self.act_buffer_dtype!r} is invalid; allowed: {', '.join(PRECISIONS)}")
-
-    def channel(self, row_shape: tuple[int, ...], device, n_samples: int | None, path: str | None) -> ActivationChannel:
-        """One end of a forward boundary (sender and receiver are built the same way)."""
-        buffer = None
-        if self.act_delta:
-            if n_samples is None:
-                raise ValueError("compression.act_delta=true needs n_samples (the dataset size: one buffer row per sample)")
-            if self.act_buffer == "mmap" and path is None:
-                raise ValueError("compression.act_buffer='mmap' needs out_dir (the buffer files live there)")
-            buffer = ActivationBuffer(n_samples, row_shape, self.act_buffer, self.act_buffer_dtype, device,
-                                      path=path, prefetch=self.act_prefetch)
-        return ActivationChannel(self.act, self.act_delta, self.act_warmup_steps, buffer)

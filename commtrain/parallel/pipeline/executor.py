@@ -9,7 +9,9 @@ One step of a pipeline of ``S`` stages over ``M`` microbatches, on stage s::
               last stage: loss[m] = loss_fn(out, y[m]);  else: async send out -> s+1
         B(m): last stage: backward(loss[m] / M);  else: backward(out, wait(recv grad m))
               stage > 0: async send input.grad -> s-1;  free m's saved tensors
-    grad hook (the DP reducer), wait for the sends, loss broadcast over the pipeline
+              every B but the stage's last runs inside ``no_sync()`` (the DP sync accumulates;
+              the last backward's hooks launch the gradient reduction, overlapped with it)
+    wait for the sends, loss broadcast over the pipeline
 
 Why it cannot deadlock where the dry run says it does not: sends are asynchronous (a
 stage never waits for its consumer); each peer->peer direction carries one channel whose
@@ -22,19 +24,27 @@ Microbatch losses are means over their tokens and microbatches are equal-sized, 
 backward of ``loss[m] / M`` accumulates exactly the gradient of the full batch's mean loss.
 Forward activations go through an AC-SGD :class:`ActivationChannel` (delta, direct or
 uncompressed), activation gradients through a plain codec (``compression.act_grad``).
+
+The comm layer moves packets of known size (``send_packet`` / ``recv_packet``); the executor
+encodes activations itself on the compute thread and decodes them on its own decode worker
+(in the order the receives are posted), so every AC-SGD buffer update happens in this
+package, on threads it owns.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from commtrain.compress import build_codec
+from commtrain.comm.handle import Handle, Worker
+from commtrain.compress import Packet, build_codec
 
-from .acsgd import ActCompression
+from ..compression import CompressionConfig
+from .acsgd import ActivationChannel
 from .schedules import Action, build_schedule
 
 
@@ -51,14 +61,15 @@ class PipelineEngine:
         n_micro: microbatches per step (``parallel.microbatches``); the batch must divide.
         loss_fn: ``loss_fn(logits, targets) -> scalar mean loss`` (used on the last stage).
         hidden_size: C of the (mb, T, C) activations crossing stage boundaries.
-        act: :class:`ActCompression` (``compression.act*``); default uncompressed.
+        act: the ``compression`` section (its ``act*`` keys and ``warmup_steps``); default uncompressed.
         n_samples: dataset size (rows of the AC-SGD buffers; needed with ``act_delta``).
         out_dir: where ``act_buffer="mmap"`` files go (``{out_dir}/acsgd/``).
         act_dtype: dtype of boundary activations and gradients.
         eval_codec: codec for activations in :meth:`eval_loss` (default ``none``: the eval
             loss measures the trained weights, not the link).
-        grad_hook: called once per step right after this rank's last backward (all
-            microbatch gradients accumulated): where a DP reducer starts its reduction.
+        no_sync: a context factory (the DP sync's ``no_sync``) wrapped around every backward of
+            the step but this stage's last, so that the gradient reduction launches from the
+            last backward's hooks only, once every microbatch has accumulated.
         device: compute device (default: the stage's parameters' device).
     """
 
@@ -71,12 +82,12 @@ class PipelineEngine:
         n_micro: int = 1,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         hidden_size: int | None = None,
-        act: ActCompression | None = None,
+        act: CompressionConfig | None = None,
         n_samples: int | None = None,
         out_dir: str | None = None,
         act_dtype: torch.dtype = torch.float32,
         eval_codec: str = "none",
-        grad_hook: Callable[[], None] | None = None,
+        no_sync: Callable[[], ContextManager[None]] | None = None,
         device: str | torch.device | None = None,
     ):
         self.module, self.mesh, self.comm = stage_module, mesh, comm
@@ -96,10 +107,12 @@ class PipelineEngine:
         if self.n_stages > 1 and (not isinstance(hidden_size, int) or hidden_size < 1):
             raise ValueError(f"hidden_size={hidden_size!r} is invalid; allowed: the model width C (an integer >= 1)")
         self.loss_fn, self.hidden_size, self.act_dtype = loss_fn, hidden_size, act_dtype
-        self.act = act if act is not None else ActCompression()
+        self.act = act if act is not None else CompressionConfig(act_delta=False)
         self.act_grad_codec = build_codec(self.act.act_grad)
         self.eval_codec = build_codec(eval_codec)
-        self.grad_hook = grad_hook
+        self.no_sync = no_sync if no_sync is not None else contextlib.nullcontext
+        self._last_backward = max(i for i, a in enumerate(self.actions) if a.kind == "B")
+        self._decoder = Worker(f"commtrain-pp-decode-s{self.stage}")  # AC-SGD receiver updates run here
         if device is None:
             p = next(iter(stage_module.parameters()), None)
             device = p.device if p is not None else "cpu"
@@ -138,9 +151,11 @@ class PipelineEngine:
         self._seq_len = seq_len
         row = (seq_len, self.hidden_size)
         if not self.is_last:
-            self.send_channel = self.act.channel(row, self.device, self.n_samples, self._buffer_path("send"))
+            self.send_channel = ActivationChannel.from_config(self.act, row, self.device, self.n_samples,
+                                                              self._buffer_path("send"))
         if not self.is_first:
-            self.recv_channel = self.act.channel(row, self.device, self.n_samples, self._buffer_path("recv"))
+            self.recv_channel = ActivationChannel.from_config(self.act, row, self.device, self.n_samples,
+                                                              self._buffer_path("recv"))
 
     def _split(self, t: torch.Tensor, what: str) -> list[torch.Tensor]:
         if t.shape[0] % self.n_micro:
@@ -165,24 +180,25 @@ class PipelineEngine:
         ids, xs, ys = self._split(sample_ids, "sample_ids"), self._split(x, "x"), self._split(y, "y")
         mb_shape = (xs[0].shape[0], x.shape[1], self.hidden_size)
 
-        # Bind every microbatch now (fixes each one's AC-SGD mode identically on both ends).
-        send_codecs = [self.send_channel.bind(i) for i in ids] if self.send_channel else None
-        recv_codecs = [self.recv_channel.bind(i) for i in ids] if self.recv_channel else None
+        # Fix every microbatch's AC-SGD mode now, identically on both ends (ids are distinct
+        # within a step, so no microbatch of the step changes another one's ``seen`` flags).
+        send_modes = [self.send_channel.mode(i) for i in ids] if self.send_channel else None
+        recv_modes = [self.recv_channel.mode(i) for i in ids] if self.recv_channel else None
         # Start reading the buffer rows of every delta-mode microbatch, in the order they are
         # used, so encode/decode find them loaded (the rows of one step are distinct).
-        for ch, bound, order in ((self.send_channel, send_codecs, self._forward_order()),
-                                 (self.recv_channel, recv_codecs, [m for k, m in self._recv_order if k == "F"])):
+        for ch, modes, order in ((self.send_channel, send_modes, self._forward_order()),
+                                 (self.recv_channel, recv_modes, [m for k, m in self._recv_order if k == "F"])):
             for m in order if ch is not None else ():
-                if bound[m].mode == "delta":
+                if modes[m] == "delta":
                     ch.prefetch(ids[m])
         # Prefetches are queued before the receives that consume them are posted.
-        pending = self._post_recvs(mb_shape, recv_codecs, self.act_grad_codec)
+        pending = self._post_recvs(mb_shape, ids, recv_modes)
 
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
         losses: list[torch.Tensor] = []
         sends = []
-        for a in self.actions:
+        for i, a in enumerate(self.actions):
             m = a.microbatch
             if a.kind == "F":
                 if self.is_first:
@@ -196,23 +212,23 @@ class PipelineEngine:
                     losses.append(loss.detach())
                     outputs[m] = loss / self.n_micro
                 else:
-                    sends.append(self.comm.send(out.detach(), self.stage + 1, send_codecs[m], channel="act",
-                                                async_op=True))
+                    pkt = self.send_channel.encode(ids[m], out.detach(), send_modes[m])  # updates m[id] here
+                    sends.append(self.comm.send_packet(pkt.payload, self.stage + 1, channel="act", async_op=True))
                     outputs[m] = out
             else:
                 out = outputs.pop(m)
-                if self.is_last:
-                    out.backward()
-                else:
-                    grad = pending.pop(("B", m)).wait().to(self.device)
-                    torch.autograd.backward(out, grad)
+                grad = None if self.is_last else pending.pop(("B", m)).wait().to(self.device)
+                # Accumulate quietly; the stage's last backward launches the DP reduction.
+                with self.no_sync() if i < self._last_backward else contextlib.nullcontext():
+                    if self.is_last:
+                        out.backward()
+                    else:
+                        torch.autograd.backward(out, grad)
                 if not self.is_first:
                     inp = inputs.pop(m)
                     sends.append(self.comm.send(inp.grad, self.stage - 1, self.act_grad_codec,
                                                 channel="act_grad", async_op=True))
         assert not pending and not outputs and not inputs, "schedule left work undone"
-        if self.grad_hook is not None:
-            self.grad_hook()
         for h in sends:
             h.wait()
         for ch in (self.send_channel, self.recv_channel):
@@ -220,14 +236,24 @@ class PipelineEngine:
                 ch.end_step()
         return self._broadcast_loss(torch.stack(losses).mean() if self.is_last else None)
 
-    def _post_recvs(self, mb_shape, recv_codecs, grad_codec) -> dict[tuple[str, int], Any]:
+    def _post_recvs(self, mb_shape, ids, recv_modes) -> dict[tuple[str, int], Any]:
+        """Post every receive of the step; an activation's packet is decoded (and the AC-SGD
+        receiver buffer updated) on the pipeline's decode worker, in posting order."""
         pending = {}
+        numel = mb_shape[0] * mb_shape[1] * mb_shape[2]
         for kind, m in self._recv_order:
             if kind == "F":
-                pending[(kind, m)] = self.comm.recv(mb_shape, self.act_dtype, self.stage - 1, recv_codecs[m],
-                                                    channel="act", device=self.device, async_op=True)
+                ch, mode = self.recv_channel, recv_modes[m]
+                raw = self.comm.recv_packet(ch.payload_nbytes(mode, numel, self.act_dtype), self.stage - 1,
+                                            channel="act", device=self.device, async_op=True)
+
+                def decode(raw=raw, ch=ch, mode=mode, m=m):  # the compute thread's wait is the exposed one
+                    return ch.decode(ids[m], Packet(raw.wait(exposed=False), mb_shape, self.act_dtype), mode)
+
+                pending[(kind, m)] = Handle(self._decoder.submit(decode), f"recv+decode[act] mb {m}",
+                                            self.comm.timeout_s, on_wait=self.comm.add_wait)
             else:
-                pending[(kind, m)] = self.comm.recv(mb_shape, self.act_dtype, self.stage + 1, grad_codec,
+                pending[(kind, m)] = self.comm.recv(mb_shape, self.act_dtype, self.stage + 1, self.act_grad_codec,
                                                     channel="act_grad", device=self.device, async_op=True)
         return pending
 
@@ -294,6 +320,7 @@ class PipelineEngine:
                 ch.load_state_dict(state[name])
 
     def close(self) -> None:
+        self._decoder.close(timeout=self.comm.timeout_s)
         for ch in (self.send_channel, self.recv_channel):
             if ch is not None and ch.buffer is not None:
                 ch.buffer.close()

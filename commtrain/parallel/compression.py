@@ -1,0 +1,203 @@
+"""How data-parallel gradients are compressed: one object for every sync strategy.
+
+The plain DP reducer, ZeRO and the DDP comm hook all reduce gradient *buckets* through one
+:class:`GradCompression`. For one bucket in one step the whole decision is::
+
+    codec = compression.codec_for(bucket, step)     # "none" during warm-up, for small/1-D
+                                                    # tensors and for buckets the policy left
+                                                    # raw; else the codec wrapped in error feedback
+    comm.all_reduce(flat, codec, key=bucket.key)    # or reduce_scatter (ZeRO), or PowerSGD's
+                                                    # own two all-reduces (compression.all_reduce)
+
+so a feature added here (a codec, error feedback, warm-up, the adaptive policy) works in
+every strategy at once.
+
+``CompressionConfig`` is the ``compression`` section of the config tree. The gradient keys
+(``grad``, ``error_feedback``, ``warmup_steps``, ``min_numel``, ``policy``) are read here,
+``param`` by ZeRO's parameter all-gather, and the ``act*`` keys by the pipeline's activation
+channels (:mod:`commtrain.parallel.pipeline.acsgd`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+
+from ..compress import ErrorFeedback, available_codecs, build_codec
+from ..validate import ConfigError, choice, integer
+from .buckets import Bucket, compressible
+from .powersgd import PowerSGDReducer
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("auto", "always")
+CHANNEL_KEYS = ("grad", "act", "act_grad", "param")
+
+
+@dataclass
+class CompressionConfig:
+    """The ``compression`` section: codec specs per channel and how they are applied."""
+
+    grad: str = "none"  # data-parallel gradients
+    act: str = "none"  # pipeline forward activations
+    act_grad: str = "none"  # pipeline backward activation gradients
+    param: Optional[str] = None  # ZeRO parameter all-gather (None: exact)
+    error_feedback: bool = True  # on lossy gradient codecs (and powersgd's own residuals)
+    warmup_steps: int = 0  # uncompressed steps at the start (all channels)
+    min_numel: int = 4096  # gradients smaller than this, and all 1-D ones, go uncompressed
+    # "auto": a gradient bucket is compressed only where that makes the step faster on the
+    # link (needs a link with a known bandwidth; otherwise it compresses as configured);
+    # "always": every eligible bucket is compressed.
+    policy: str = "auto"
+    act_delta: bool = True  # AC-SGD: send Q(a - m[id]) rather than Q(a)
+    act_buffer: str = "cpu"  # where AC-SGD per-sample buffers live (a buffer storage)
+    act_buffer_dtype: str = "fp32"  # their precision
+    act_prefetch: bool = True  # read the next microbatch's AC-SGD rows in the background
+
+    def validate(self) -> None:
+        from .pipeline.buffers import PRECISIONS, available_storages
+
+        for key in CHANNEL_KEYS:
+            spec = getattr(self, key)
+            if spec is None and key == "param":
+                continue
+            try:
+                codec = build_codec(spec)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"compression.{key}={spec!r}: {e}") from None
+            if getattr(codec, "needs_own_collective", False) and key != "grad":
+                raise ConfigError(
+                    f"compression.{key}={spec!r} is invalid: {codec.name} runs its own pair of all-reduces over "
+                    f"whole gradient matrices, so it can only serve compression.grad; allowed here: "
+                    f"{', '.join(n for n in available_codecs() if n != codec.name)}"
+                )
+        for key in ("error_feedback", "act_delta", "act_prefetch"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"compression.{key}={getattr(self, key)!r} is invalid; allowed: true, false")
+        integer(self, "compression", "warmup_steps", 0)
+        integer(self, "compression", "min_numel", 0)
+        choice("compression.policy", self.policy, POLICIES)
+        choice("compression.act_buffer", self.act_buffer, available_storages())
+        choice("compression.act_buffer_dtype", self.act_buffer_dtype, PRECISIONS)
+
+
+class _Done:
+    """A finished 'handle' (PowerSGD runs its collectives synchronously)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+class GradCompression:
+    """Codec, error feedback, warm-up, small/1-D exclusion, PowerSGD and the policy's
+    per-bucket decision, for the gradient buckets reduced over ``comm`` (the dp group).
+
+    Build one per sync object; it is stateful (EF residuals, PowerSGD factors, codec RNG,
+    policy decisions) and its state is part of the checkpoint.
+    """
+
+    def __init__(self, cfg: CompressionConfig | None, comm):
+        self.cfg = cfg = cfg if cfg is not None else CompressionConfig()
+        self.comm = comm
+        self.codec = build_codec(cfg.grad)
+        self.plain = build_codec("none")
+        self.own_collective = bool(getattr(self.codec, "needs_own_collective", False))
+        use_ef = cfg.error_feedback and not self.codec.lossless
+        self.powersgd = (PowerSGDReducer(self.codec, comm, error_feedback=use_ef, min_numel=cfg.min_numel)
+                         if self.own_collective else None)
+        # What the wire carries for a compressed bucket: the codec behind error feedback.
+        self.wire = ErrorFeedback(self.codec) if use_ef and not self.own_collective else self.codec
+        # The first compressed step: the configured warm-up, or the codec's own (PowerSGD's start_iter).
+        self.start_step = max(cfg.warmup_steps, int(getattr(self.codec, "start_iter", 0)))
+        self.raw_buckets: set[str] = set()  # keys the policy decided to send uncompressed
+        self.decisions: list[dict[str, Any]] = []  # the policy's last decision table
+        self.bucket_codecs: dict[str, str] = {}  # key -> codec spec of its last reduction (for logs)
+        self._warned_nonfinite = False
+
+    # -- the per-bucket decision -------------------------------------------------------------
+    def eligible(self, p: torch.Tensor) -> bool:
+        """May this parameter's gradient be compressed at all (not small, not 1-D)?"""
+        return compressible(p, self.cfg.min_numel)
+
+    def compressing(self, bucket: Bucket, step: int) -> bool:
+        return (bucket.compress and step >= self.start_step and not self.codec.lossless
+                and bucket.key not in self.raw_buckets)
+
+    def codec_for(self, bucket: Bucket, step: int):
+        """The wire codec of ``bucket`` in ``step`` (records it in ``bucket_codecs``)."""
+        on = self.compressing(bucket, step)
+        self.bucket_codecs[bucket.key] = (self.codec if on else self.plain).spec
+        return self.wire if on else self.plain
+
+    # -- reductions ---------------------------------------------------------------------------
+    def all_reduce(self, bucket: Bucket, flat: torch.Tensor, step: int, async_op: bool = True):
+        """Mean of the bucket's flat gradients over the group: a handle whose ``wait()`` gives
+        the flat mean, or (PowerSGD) the list of per-parameter means."""
+        codec = self.codec_for(bucket, step)
+        if codec is not self.plain and self.own_collective:
+            return _Done(self.powersgd.reduce(bucket.key, bucket.views(flat)))
+        return self.comm.all_reduce(flat, codec, channel="grad", op="mean", key=bucket.key, async_op=async_op)
+
+    def reduce_scatter(self, bucket: Bucket, flat: torch.Tensor, step: int, async_op: bool = True):
+        """This rank's chunk of the bucket's mean (ZeRO)."""
+        if self.own_collective:
+            raise ValueError(f"compression.grad={self.codec.spec!r} cannot be reduce-scattered (see ZeroConfig)")
+        return self.comm.reduce_scatter(flat, self.codec_for(bucket, step), channel="grad", op="mean",
+                                        key=bucket.key, async_op=async_op)
+
+    def forget(self, key: str) -> None:
+        """Drop the error-feedback residuals and the policy decision kept for bucket ``key`` (its
+        layout changed: DDP rebuilt its buckets; a residual belongs to a layout, not to a key)."""
+        if isinstance(self.wire, ErrorFeedback):
+            self.wire.forget(key)
+        self.raw_buckets.discard(key)
+        self.decisions = [r for r in self.decisions if r["bucket"] != key]
+
+    # -- the policy ------------------------------------------------------------------------------
+    def decide(self, buckets: list[Bucket], collective: str = "all_reduce") -> None:
+        """``policy="auto"``: choose, per eligible bucket, between the codec and raw bytes (a
+        collective: every rank calls it with the same buckets, and all take the same decision)."""
+        if self.cfg.policy != "auto" or self.codec.lossless:
+            return
+        from .policy import decide
+
+        report = decide(self, [b for b in buckets if b.compress], collective)
+        decided = {r["bucket"] for r in report}
+        self.decisions = [r for r in self.decisions if r["bucket"] not in decided] + report
+        self.raw_buckets = (self.raw_buckets - decided) | {r["bucket"] for r in report if not r["compress"]}
+
+    # -- reports and checkpoint -------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters since the last call: ``ef_nonfinite`` (gradient elements whose error-feedback
+        residual kept its old value because the new one was not finite)."""
+        n = self.wire.take_nonfinite() if isinstance(self.wire, ErrorFeedback) else 0
+        if n and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            log.warning("non-finite gradient values reached error feedback (%d elements); their residuals were kept, "
+                        "not poisoned (reported as ef_nonfinite in the metrics)", n)
+        return {"ef_nonfinite": n}
+
+    def state_dict(self) -> dict[str, Any]:
+        """EF residuals (per bucket key and phase), PowerSGD factors, codec RNG, raw buckets."""
+        sd: dict[str, Any] = {"codec_rng": self.codec.state_dict(), "raw_buckets": sorted(self.raw_buckets)}
+        if isinstance(self.wire, ErrorFeedback):
+            sd["ef"] = self.wire.state_dict()
+        if self.powersgd is not None:
+            sd["powersgd"] = self.powersgd.state_dict()
+        return sd
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "ef" in state and not isinstance(self.wire, ErrorFeedback):
+            raise ValueError("checkpoint has error-feedback residuals but compression.error_feedback is off "
+                             "(or the gradient codec is lossless) in this run")
+        self.codec.load_state_dict(state.get("codec_rng", {}))
+        if "ef" in state:
+            self.wire.load_state_dict(state["ef"])
+        if "powersgd" in state and self.powersgd is not None:
+            self.powersgd.load_state_dict(state["powersgd"])
+        self.raw_buckets = set(state.get("raw_buckets", self.raw_buckets))
