@@ -151,6 +151,22 @@ def _collectives(rank, world):
     lens = [hi - lo for lo, hi in chunk_bounds(n, world)]
     expect = sum(2 * lens[j] for j in range(world) if j != rank) + (world - 1) * 2 * lens[rank]
     assert comm.meter.total() - before == expect == sent["n"] - before
+    # (10) the price list is what the wire meters, for every collective and codec path
+    from commtrain.comm import price
+
+    for spec in ("none", "fp16", "quant:bits=4,group=64"):
+        for codec in (build_codec(spec), NonSummable(spec)):
+            for n in (1, 7, 1003):
+                b0 = comm.meter.total()
+                comm.all_reduce(_data(rank, n), codec, key="p")
+                assert comm.meter.total() - b0 == price.rank_total(price.all_reduce(codec, n, torch.float32, world), rank).nbytes
+                b0 = comm.meter.total()
+                comm.reduce_scatter(_data(rank, n), codec)
+                assert comm.meter.total() - b0 == price.rank_total(price.reduce_scatter(codec, n, torch.float32, world), rank).nbytes
+    numels = [5, 3, 0, 2][:world] if world == 4 else [4, 1]
+    b0 = comm.meter.total()
+    comm.all_gather_flat(_data(rank, numels[rank]), build_codec("fp16"), numels=numels)
+    assert comm.meter.total() - b0 == price.rank_total(price.all_gather_flat(build_codec("fp16"), numels, torch.float32), rank).nbytes
     restore()
     comm.barrier()
     comm.close()
@@ -192,6 +208,13 @@ def _p2p(rank, world):
     assert comm.recv((0, 4), torch.float32, peer, none, channel="act").shape == (0, 4)
     assert comm.meter.bytes["act"] == 105 * 4 + 105 * 2 and comm.meter.bytes["act_grad"] == 105 * 2
     assert comm.meter.ops["act"] == 3 and comm.meter.total() == sent["n"]
+    # packets of a known size: the layer above encodes and decodes, comm moves the bytes
+    payload = fp16.compress(mine).payload
+    hr = comm.recv_packet(payload.numel(), peer, channel="act", async_op=True)
+    comm.send_packet(payload, peer, channel="act")
+    assert torch.equal(hr.wait(), fp16.compress(theirs).payload)
+    with pytest.raises(TypeError, match="uint8"):
+        comm.send_packet(mine, peer, channel="act")
     # argument errors are clear and raised in the caller
     for bad, match in (
         (lambda: comm.send(mine, rank, none, channel="act"), "dst"),
@@ -279,3 +302,25 @@ def test_stalled_peer_hits_the_process_group_timeout():
     res, _ = run_ranks(_stalled_peer, 2, timeout=60, pg_timeout=3)
     assert res != "no error"
     assert 2.5 < res[0] < 7.5, res
+
+
+def test_loopback_runs_the_real_collective_and_prices_it():
+    """A mirrored group of p replicas in one process: no network, same codec work, the price
+    list's bytes in the meter and the link's seconds for them."""
+    from commtrain.comm import Communicator, LinkModel, price
+
+    link = LinkModel.parse("100mbit,1ms")
+    for p in (2, 4):
+        loop = Communicator.loopback(p, link)
+        x = _data(0, 4 * 1000)
+        for codec in (build_codec("none"), build_codec("fp16"), build_codec("quant:bits=8,group=64")):
+            b0, s0 = loop.meter.total(), loop.meter.snapshot()["total_modeled_s"]
+            y = loop.all_reduce(x, codec, key="w")
+            ops = price.all_reduce(codec, x.numel(), x.dtype, p)
+            assert loop.meter.total() - b0 == price.rank_total(ops, 0).nbytes
+            assert loop.meter.snapshot()["total_modeled_s"] - s0 == pytest.approx(price.seconds(ops, link))
+            assert y.shape == x.shape and bool(torch.isfinite(y).all())
+            if codec.summable_dtype(x.dtype) is not None:  # a plain all-reduce: the mean over replicas is x
+                tol = 0 if codec.lossless else 1e-3
+                assert ((y - x).norm() / x.norm()).item() <= tol, codec.spec
+        loop.close()

@@ -91,3 +91,43 @@ def test_passthrough_properties_and_sizes():
     assert ef.wire_nbytes((10, 100)) == 564
     assert ef.contractive and not ef.unbiased and ef.properties() == ef.codec.properties()
     assert ef.spec == "quant:bits=4,rounding=nearest"
+
+
+def test_nonfinite_input_never_poisons_the_residual():
+    """One NaN/inf gradient element must not turn the residual (and every later step of the
+    tensor) into NaN: the residual keeps its old value there, the event is counted."""
+    ef = ErrorFeedback("quant:bits=4,group=16,rounding=nearest")
+    g = torch.Generator().manual_seed(0)
+    ef.compress(torch.randn(64, generator=g), "w")
+    before = ef.residuals["w"].clone()
+    bad = torch.randn(64, generator=g)
+    bad[3], bad[40] = float("nan"), float("inf")
+    ef.compress(bad, "w")
+    e = ef.residuals["w"]
+    assert bool(torch.isfinite(e).all())
+    # the groups holding the bad values keep their old residual; the others moved on
+    assert torch.equal(e[0:16], before[0:16]) and torch.equal(e[32:48], before[32:48])
+    assert not torch.equal(e[16:32], before[16:32])
+    assert ef.take_nonfinite() == 32 and ef.take_nonfinite() == 0  # two 16-element groups, counted once
+    for _ in range(3):  # later steps are finite again
+        x = torch.randn(64, generator=g)
+        assert bool(torch.isfinite(ef.decompress(ef.compress(x, "w"))).all())
+    assert bool(torch.isfinite(ef.residuals["w"]).all())
+
+
+def test_grad_compression_reports_nonfinite_and_stays_finite():
+    from commtrain.comm import Communicator, LinkModel
+    from commtrain.parallel.buckets import Bucket
+    from commtrain.parallel.compression import CompressionConfig, GradCompression
+
+    gc = GradCompression(CompressionConfig(grad="quant:bits=4,group=64", policy="always"),
+                         Communicator.loopback(2, LinkModel.parse("1gbit")))
+    b = Bucket("bucket0", True, ["w"], [torch.zeros(64, 32)], [0], 2048, 2048)
+    x = torch.randn(2048)
+    x[5] = float("nan")
+    gc.all_reduce(b, x, step=0).wait()
+    assert gc.stats()["ef_nonfinite"] > 0
+    assert all(bool(torch.isfinite(r).all()) for r in gc.wire.residuals.values())
+    out = gc.all_reduce(b, torch.randn(2048), step=1).wait()
+    assert bool(torch.isfinite(out).all()) and gc.stats()["ef_nonfinite"] == 0
+    gc.comm.close()

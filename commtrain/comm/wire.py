@@ -129,7 +129,9 @@ class LoopbackWire(Wire):
     link seconds recorded, but never slept: it exists to *rehearse* the real collective code
     locally -- its codec work timed, its bytes and link time priced -- without a network.
     Mirroring needs equal packets from every peer, i.e. a tensor whose length divides evenly
-    into the chunks (the caller pads to a multiple of ``world_size``).
+    into the chunks (the caller pads to a multiple of ``world_size``). The work and the bytes
+    are the real ones; the values are not the group's result, except on the summable path
+    (a mirrored peer returns the packet this rank addressed to it, i.e. another chunk).
     """
 
     def __init__(self, world_size: int, link: LinkModel | None = None, meter: ByteMeter | None = None):
