@@ -19,10 +19,12 @@ chunks: an fp32 master copy (``master``) that is the only thing its optimizer se
   when its reduce-scatter has delivered this rank's chunk into ``master.grad``. At most
   ``buckets_in_flight`` staging buffers are alive (one filling, the others on the wire: the
   hook waits for the oldest reduction before starting another), so the peak gradient memory
-  is 1/p of the gradients plus ``buckets_in_flight`` buckets, plus the one gradient autograd
-  has just produced. ``buckets_in_flight=1`` gives the smallest peak; 2 (the default, as
-  DeepSpeed's double-buffered reduction) lets a bucket's reduction overlap the backward
-  computing the next one.
+  is 1/p of the gradients plus ``buckets_in_flight`` buckets, plus the bucket of small/1-D
+  tensors filling alongside (not counted in ``buckets_in_flight``: it is tiny) and the one
+  gradient autograd has just produced (it exists before any hook can move it).
+  ``buckets_in_flight=1`` gives the smallest peak; 2 (the default, as DeepSpeed's
+  double-buffered reduction) lets a bucket's reduction overlap the backward computing the
+  next one.
 
 Gradient compression goes through :class:`GradCompression` (EF residuals keyed by bucket,
 warm-up, the ``auto`` policy rehearsing the reduce-scatter). PowerSGD cannot be
@@ -236,7 +238,9 @@ class ZeroSync:
         self._staging[i] = None  # the bucket's full gradient is gone; its shard is in master.grad
 
     def _alive(self) -> int:
-        return sum(s is not None for s in self._staging)
+        # The small/1-D stream's bucket (biases, norms: plain, tiny) fills alongside the big one
+        # through the whole backward; counting it would halve the overlap for nothing.
+        return sum(s is not None and b.compress for s, b in zip(self._staging, self.buckets))
 
     # -- stage 1: all-reduce at step() ---------------------------------------------------------------
     def _all_reduce_full(self) -> None:
