@@ -156,6 +156,10 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        try:
+            self.model.check_data(self.data)  # model.init_from: the tokenizer its weights were trained with
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         default_seq = DataConfig.__dataclass_fields__["seq_len"].default
         if self.data.seq_len not in (default_seq, self.train.seq_len):
             raise ConfigError(
