@@ -172,3 +172,32 @@ def test_save_rejects_non_gpt_and_bad_tokenizer_info(tmp_path):
         save_gpt_dir(torch.nn.Linear(2, 2), {"name": "byte"}, tmp_path / "x")
     with pytest.raises(ValueError, match="tokenizer_info=.* is invalid"):
         save_gpt_dir(GPT(TINY), {}, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_trainer_starts_from_the_saved_weights(saved, tmp_path):
+    """`commtrain train` with model.init_from: at lr ~0 its eval loss is the saved model's own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from commtrain.data import build_data
+    from commtrain.metrics import read_metrics
+
+    model, out = saved
+    root = Path(__file__).resolve().parents[1]
+    sets = [f"model.init_from={out}", "data.source=shakespeare", "train.steps=1", "train.lr=1.0e-12",
+            "train.eval_every=0", "train.eval_batches=2", "train.batch_size=4", "train.seq_len=32",
+            f"out_dir={tmp_path / 'run'}", "train.progress=false", "resume=false"]
+    r = subprocess.run([sys.executable, "-m", "commtrain", "train", "--config", str(root / "configs" / "tiny.yaml"),
+                        *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m.get("final")][0]["eval_loss"]
+    # The same held-out windows the Trainer evaluates (the first eval_batches * batch_size).
+    _, ev, _ = build_data(DataConfig(source="shakespeare", max_bytes=300_000, seq_len=32), 256)
+    _, x, y = ev.batch(list(ev.ids)[:8])
+    model.eval()
+    with torch.no_grad():
+        want = model(x, targets=y)[1].item()
+    assert final == pytest.approx(want, abs=1e-4)
+    assert abs(want - 5.545) > 0.05  # not the loss of a uniform guess over 256 bytes: real weights were used
