@@ -201,3 +201,11 @@ def test_trainer_starts_from_the_saved_weights(saved, tmp_path):
         want = model(x, targets=y)[1].item()
     assert final == pytest.approx(want, abs=1e-4)
     assert abs(want - 5.545) > 0.05  # not the loss of a uniform guess over 256 bytes: real weights were used
+
+
+def test_same_weights_give_the_same_bytes(saved, tmp_path):
+    """The cached base is keyed by its settings, so its file must be byte-stable."""
+    model, out = saved
+    again = save_gpt_dir(model, {"name": "byte"}, tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (again / "config.json").read_bytes() == (out / "config.json").read_bytes()

@@ -188,6 +188,9 @@ def save_gpt_dir(model: nn.Module, tokenizer_info: dict[str, Any], out_dir) -> P
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    _atomic(WEIGHTS, lambda tmp: st.save_model(model, tmp, metadata={"format": FORMAT}))
+    # No metadata of our own (config.json carries the format): safetensors writes its header
+    # metadata from a hash map, so two keys could come out in either order and identical
+    # weights would give different bytes. save_model adds one entry for the tied tensor.
+    _atomic(WEIGHTS, lambda tmp: st.save_model(model, tmp))
     _atomic(CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1) + "\n"))
     return out
