@@ -169,7 +169,7 @@ def pretrain(args) -> dict:
     home = Path(args.cache) / f"base-{key}"
     record_path = home / "base.json"
     if record_path.exists() and not args.force:
-        rec = json.loads(record_path.read_text())
+        rec = {**json.loads(record_path.read_text()), "model_dir": str(home / "model")}  # the cache may have moved
         print(f"base model: cached {home} (pretrained in {rec['wall_s']:.0f}s; --force rebuilds)")
         return rec
     run = home / "run"
@@ -250,7 +250,9 @@ def summarize(data: dict) -> list[dict]:
         seeds = rows[name]["seeds"]
         vals = [seeds[k]["final_eval_loss"] for k in sorted(seeds, key=int)]
         s = dict(name=name, n=len(vals), mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                 min=min(vals), max=max(vals), target=rows[name].get("target"), rel=None, paired=[])
+                 min=min(vals), max=max(vals), target=rows[name].get("target"), rel=None, paired=[],
+                 wire=statistics.mean(seeds[k]["wire_bytes_per_step"] for k in seeds),
+                 wall=statistics.mean(seeds[k]["wall_s"] for k in seeds))
         if ref_mean:
             s["rel"] = s["mean"] / ref_mean - 1
             s["paired"] = [seeds[k]["final_eval_loss"] / ref[k]["final_eval_loss"] - 1 for k in sorted(seeds, key=int)
@@ -262,8 +264,9 @@ def summarize(data: dict) -> list[dict]:
 
 
 def format_table(data: dict) -> str:
-    lines = ["| row | seeds | final eval loss, mean | std | min..max | vs fp32 (means) | paired per seed: mean, min..max | target |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | final eval loss, mean | std | min..max | vs fp32 (means) | paired per seed: mean ± std, "
+             "min..max | target | wire MB/step/rank | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summarize(data):
         rel = "" if s["rel"] is None else f"{100 * s['rel']:+.2f}%"
         if s["paired"] and s["name"] != REFERENCE:
@@ -274,7 +277,7 @@ def format_table(data: dict) -> str:
             paired = ""
         tgt = "" if s["target"] is None else f"<= +{100 * s['target']:.0f}%: {s['verdict']}"
         lines.append(f"| {s['name']} | {s['n']} | {s['mean']:.4f} | {s['std']:.4f} | {s['min']:.4f}..{s['max']:.4f} "
-                     f"| {rel} | {paired} | {tgt} |")
+                     f"| {rel} | {paired} | {tgt} | {s['wire'] / 1e6:.2f} | {s['wall']:.0f} |")
     base = data.get("base", {})
     if "ft_eval_before" in base:
         lines.append("")
@@ -377,7 +380,9 @@ def main(argv=None) -> int:
     n_eval = args.eval_batches * args.global_batch
     base = {**base, "ft_eval_before": eval_loss(load_gpt_dir(base["model_dir"])[0], "shakespeare", args.seq_len, n_eval)}
     print(f"base model on the fine-tuning corpus (held-out, {n_eval} windows): eval loss {base['ft_eval_before']:.4f}")
-    data.update(settings=settings, base={k: v for k, v in base.items() if k != "pretrain_loss"})
+    shown = Path(base["model_dir"])
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    data.update(settings=settings, base={**{k: v for k, v in base.items() if k != "pretrain_loss"}, "model_dir": str(shown)})
     t0 = time.perf_counter()
     for name in args.rows:
         row = ROWS[name]
