@@ -55,13 +55,15 @@ from commtrain.metrics import read_metrics  # noqa: E402
 @dataclass(frozen=True)
 class Row:
     """One fine-tuning configuration: ``sets`` are ``commtrain train --set`` overrides applied
-    after the shared ones; ``target`` is the allowed final-eval-loss increase over fp32 (0.01 =
-    1%), None for no target; ``pp`` > 1 makes a pipeline row (dp = nproc / pp)."""
+    after the shared ones; ``target`` is the allowed final-eval-loss increase over the ``ref``
+    row (0.01 = 1%), None for no target; ``pp`` > 1 makes a pipeline row (dp = nproc / pp),
+    whose natural ``ref`` is an uncompressed pipeline row."""
 
     sets: tuple[str, ...]
     target: float | None = None
     pp: int = 1
     note: str = ""
+    ref: str = "fp32"
 
 
 REFERENCE = "fp32"
@@ -76,7 +78,9 @@ ROWS: dict[str, Row] = {
     #   "top-k 1% + EF": Row(("compression.grad=topk:ratio=0.01", "compression.error_feedback=true"), target=0.03),
     #   "PowerSGD rank 4": Row(("compression.grad=powersgd:rank=4", "compression.error_feedback=true"), target=0.02),
     # Pipeline rows (pp=2, dp=1; the fp32 pipeline reference is a row too):
-    #   "pp2 AC-SGD 2/4": Row(("compression.act=quant:bits=2", "compression.act_grad=quant:bits=4"), target=0.02, pp=2),
+    #   "pp2 fp32": Row(("compression.grad=none",), pp=2),
+    #   "pp2 AC-SGD 2/4": Row(("compression.act=quant:bits=2", "compression.act_grad=quant:bits=4"), target=0.02, pp=2,
+    #                         ref="pp2 fp32"),
     # Outer-sync rows (when sync.strategy lands):
     #   "DiLoCo H=...": Row(("sync.strategy=diloco", ...)),
 }
@@ -226,13 +230,18 @@ def run_finetune(name: str, seed: int, base: dict, args) -> dict:
     t0 = time.perf_counter()
     torchrun(args.nproc, ["train", *_sets(sets)])
     wall = time.perf_counter() - t0
-    # Rank 0's metrics carry the run's values: the logged loss is all-reduced over the ranks and
-    # the eval loss over the held-out set is too.
+    # Rank 0's metrics carry the run's losses (the logged loss and the eval loss are all-reduced
+    # over the ranks); wire bytes differ per rank (pipeline stages send different channels), so
+    # they are averaged over every rank's file.
     rows = read_metrics(out / "metrics.jsonl")
     steps = [r for r in rows if "event" not in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("event") == "eval"]
+    wire = []
+    for f in [out / "metrics.jsonl", *sorted(out.glob("metrics_rank*.jsonl"))]:
+        st = [r for r in read_metrics(f) if "event" not in r]
+        wire.append(statistics.median(sum(r["wire_bytes"].values()) for r in st[1:] or st))
     res = dict(seed=seed, wall_s=wall, final_eval_loss=evals[-1][1], eval=evals, loss=[r["loss"] for r in steps],
-               wire_bytes_per_step=statistics.median(sum(r["wire_bytes"].values()) for r in steps[1:] or steps),
+               wire_bytes_per_step=statistics.mean(wire),
                step_time_s=statistics.median(r["step_time_s"] for r in steps[3:] or steps))
     print(f"  {name:<20} seed {seed}: final eval loss {res['final_eval_loss']:.4f}  ({wall:.0f}s wall)", flush=True)
     return res
@@ -240,19 +249,21 @@ def run_finetune(name: str, seed: int, base: dict, args) -> dict:
 
 # -- the table ---------------------------------------------------------------------------------
 def summarize(data: dict) -> list[dict]:
-    """Per row: mean/std/min/max of final eval loss over seeds, relative difference to fp32
-    (of the means, and paired per seed over the seeds both have), target verdict."""
+    """Per row: mean/std/min/max of final eval loss over seeds, relative difference to its
+    reference row (fp32 unless the row names another; of the means, and paired per seed over
+    the seeds both have), target verdict (met when the mean difference is <= the target)."""
     rows = data["rows"]
-    ref = rows.get(REFERENCE, {}).get("seeds", {})
-    ref_mean = statistics.mean(r["final_eval_loss"] for r in ref.values()) if ref else None
     out = []
     for name in [n for n in ROWS if n in rows] + sorted(n for n in rows if n not in ROWS):
+        ref_name = rows[name].get("ref", REFERENCE)
+        ref = rows.get(ref_name, {}).get("seeds", {}) if ref_name != name else {}
+        ref_mean = statistics.mean(r["final_eval_loss"] for r in ref.values()) if ref else None
         seeds = rows[name]["seeds"]
         vals = [seeds[k]["final_eval_loss"] for k in sorted(seeds, key=int)]
         s = dict(name=name, n=len(vals), mean=statistics.mean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
                  min=min(vals), max=max(vals), target=rows[name].get("target"), rel=None, paired=[],
                  wire=statistics.mean(seeds[k]["wire_bytes_per_step"] for k in seeds),
-                 wall=statistics.mean(seeds[k]["wall_s"] for k in seeds))
+                 wall=statistics.mean(seeds[k]["wall_s"] for k in seeds), ref=ref_name)
         if ref_mean:
             s["rel"] = s["mean"] / ref_mean - 1
             s["paired"] = [seeds[k]["final_eval_loss"] / ref[k]["final_eval_loss"] - 1 for k in sorted(seeds, key=int)
@@ -268,8 +279,10 @@ def format_table(data: dict) -> str:
              "min..max | target | wire MB/step/rank | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summarize(data):
-        rel = "" if s["rel"] is None else f"{100 * s['rel']:+.2f}%"
-        if s["paired"] and s["name"] != REFERENCE:
+        rel = "" if s["rel"] is None else f"{100 * s['rel']:+.2f}%" + ("" if s["ref"] == REFERENCE else f" (vs {s['ref']})")
+        if s["name"] == REFERENCE:
+            rel = "(reference)"
+        if s["paired"]:
             p = s["paired"]
             sd = statistics.stdev(p) if len(p) > 1 else 0.0
             paired = f"{100 * statistics.mean(p):+.2f}% ± {100 * sd:.2f}, {100 * min(p):+.2f}..{100 * max(p):+.2f}%"
@@ -387,7 +400,7 @@ def main(argv=None) -> int:
     for name in args.rows:
         row = ROWS[name]
         entry = data["rows"].setdefault(name, {})
-        entry.update(sets=list(row.sets), target=row.target, pp=row.pp, note=row.note)
+        entry.update(sets=list(row.sets), target=row.target, pp=row.pp, note=row.note, ref=row.ref)
         entry.setdefault("seeds", {})
         for seed in args.seeds:
             entry["seeds"][str(seed)] = run_finetune(name, seed, base, args)

@@ -59,9 +59,16 @@ def test_summary_statistics_and_verdicts(bench):
     # A row outside ROWS (e.g. from an older JSON) is still listed; its 5% miss is reported.
     later = by["later row"]
     assert later["paired"] == pytest.approx([0.05, 2.2 / 2.1 - 1]) and later["verdict"] == "MISSED"
+    # A row may name its own reference (pipeline rows against the uncompressed pipeline).
+    data["rows"]["pp2 fp32"] = {"seeds": {"0": _seed(2.2), "1": _seed(2.2)}}
+    data["rows"]["pp2 codec"] = {"target": 0.02, "ref": "pp2 fp32", "seeds": {"0": _seed(2.2 * 1.03), "1": _seed(2.2)}}
+    by = {s["name"]: s for s in bench.summarize(data)}
+    assert by["pp2 codec"]["rel"] == pytest.approx(0.015) and by["pp2 codec"]["paired"] == pytest.approx([0.03, 0.0])
+    assert by["pp2 codec"]["verdict"] == "met" and by["fp32"]["rel"] is None
     table = bench.format_table(data)
+    assert "+1.50% (vs pp2 fp32)" in table and "| fp32 | 3 | 2.0000 |" in table
     assert "| quant 4-bit + EF | 3 |" in table and "<= +1%: met" in table and "<= +1%: MISSED" in table
-    assert [s["name"] for s in bench.summarize(data)] == ["fp32", "quant 4-bit + EF", "later row"]
+    assert [s["name"] for s in bench.summarize(data)][:3] == ["fp32", "quant 4-bit + EF", "later row"]
 
 
 def test_unknown_row_is_refused(bench, capsys):
