@@ -84,6 +84,10 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        try:
+            self.model.check_data(self.data)  # model.init_from: the tokenizer its weights were trained with
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.data.seq_len not in (DataConfig.__dataclass_fields__["seq_len"].default, self.train.seq_len):
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} conflicts with train.seq_len={self.train.seq_len}; "

@@ -67,7 +67,7 @@ def test_bad_files_and_config_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1 is not valid JSON"):
         load_text("files", str(tmp_path / "bad.jsonl"))
     cases = [
-        (dict(source="web"), r"data.source='web' is invalid; allowed: files, stdlib"),
+        (dict(source="web"), r"data.source='web' is invalid; allowed: files, shakespeare, stdlib"),
         (dict(source="files"), r"data.path=None is invalid"),
         (dict(path="x.txt"), r"data.path='x.txt' is only used with data.source='files'"),
         (dict(tokenizer="wordpiece"), r"data.tokenizer='wordpiece' is invalid; allowed: bpe, byte, hf"),

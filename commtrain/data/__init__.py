@@ -11,7 +11,8 @@ from .tokenizer import ByteTokenizer, FastTokenizer, available_tokenizers, build
 
 @dataclass
 class DataConfig:
-    """``source``: "stdlib" (the Python standard library's source, no download) or "files"
+    """``source``: "stdlib" (the Python standard library's source, no download), "shakespeare"
+    (vendored public-domain plays, ~1.5 MB, for fine-tuning) or "files"
     (``path``: a .txt/.jsonl file, directory, glob, comma-separated list or list).
     ``tokenizer``: "byte" (vocab 256), "bpe" (trained on the corpus with ``bpe_vocab_size``
     tokens, cached under ``cache_dir`` or $COMMTRAIN_CACHE or ~/.cache/commtrain) or "hf"

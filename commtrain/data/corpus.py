@@ -1,10 +1,14 @@
-"""Text sources: the built-in corpus (no download) and user files.
+"""Text sources: the built-in corpora (no download) and user files.
 
 Sources are registered by name (``@register_source``) and return one string. The built-in
 ``stdlib`` source is real code-and-prose text that every Python installation already has:
 the standard library's own ``.py`` files, in sorted path order, capped at ``max_bytes``. It
 is deterministic for a given Python installation; machines with different Python versions
 see different text, which is why :func:`fingerprint` exists (ranks can compare it).
+
+``shakespeare`` is public-domain English prose and verse vendored as package data
+(``commtrain/data/texts/shakespeare/``, ~1.5 MB; source and licence in its README.md): a
+corpus *different* from the stdlib code, the same bytes on every machine, for fine-tuning.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 import sysconfig
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -69,6 +74,22 @@ def _stdlib(path=None, text_field="text", max_bytes: int | None = None) -> str:
     if not parts:
         raise ValueError(f"data.source='stdlib': no .py files under {root}")
     return "".join(parts)
+
+
+def vendored_files(name: str) -> list:
+    """The ``*.txt`` files of the vendored corpus ``name`` (package data under
+    ``commtrain/data/texts/<name>/``), sorted by file name."""
+    root = resources.files("commtrain.data").joinpath("texts", name)
+    files = sorted((f for f in root.iterdir() if f.name.endswith(".txt")), key=lambda f: f.name) if root.is_dir() else []
+    if not files:
+        raise ValueError(f"data.source={name!r}: no vendored texts under {root}; the package data is missing (reinstall commtrain)")
+    return files
+
+
+@register_source("shakespeare")
+def _shakespeare(path=None, text_field="text", max_bytes: int | None = None) -> str:
+    # Works are joined by one blank line, as data.source='files' joins documents.
+    return "\n\n".join(f.read_bytes().decode("utf-8") for f in vendored_files("shakespeare"))
 
 
 def resolve_paths(path) -> list[Path]:

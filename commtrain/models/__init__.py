@@ -13,6 +13,7 @@ from torch import nn
 from .gpt import GPT, GPTConfig, PRESETS, available_presets, preset_config, register_preset
 from .hf import HFCausalLM, check_hf_path
 from .partition import BALANCE_MODES, partition
+from .pretrained import check_tokenizer, load_gpt_dir, read_gpt_dir_config, save_gpt_dir, tokenizer_info
 from .stage import Stage
 
 
@@ -23,6 +24,10 @@ class ModelConfig:
     ``vocab_size``/``block_size`` override the preset (e.g. the BPE tokenizer's vocabulary);
     for an HF checkpoint ``vocab_size`` must match it and ``block_size`` may only shorten the
     context. ``dropout`` applies to the built-in GPT (an HF checkpoint keeps its own).
+
+    ``init_from`` starts the built-in GPT from saved weights (a ``commtrain.gpt/1`` directory,
+    see :mod:`.pretrained`); its config.json fixes the architecture, so ``preset``,
+    ``vocab_size`` and ``block_size`` must be left unset (default) or agree with it.
     """
 
     preset: str = "gpt-nano"
@@ -30,9 +35,12 @@ class ModelConfig:
     dropout: float = 0.0
     vocab_size: int | None = None
     block_size: int | None = None
+    init_from: str | None = None
 
     def validate(self) -> None:
-        if self.hf_path is not None:
+        if self.init_from is not None:
+            self._check_init_from()
+        elif self.hf_path is not None:
             if not isinstance(self.hf_path, str) or not self.hf_path:
                 raise ValueError(f"model.hf_path={self.hf_path!r} is invalid; allowed: a local checkpoint directory or null")
             check_hf_path(self.hf_path)
@@ -45,10 +53,37 @@ class ModelConfig:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"model.{key}={v!r} is invalid; allowed: an integer >= 1 or null")
 
+    def _check_init_from(self) -> None:
+        if not isinstance(self.init_from, str) or not self.init_from:
+            raise ValueError(f"model.init_from={self.init_from!r} is invalid; allowed: a saved model directory or null")
+        if self.hf_path is not None:
+            raise ValueError(f"model.hf_path={self.hf_path!r} with model.init_from={self.init_from!r}; allowed: one of them")
+        arch = GPTConfig(**read_gpt_dir_config(self.init_from)["model"])
+        shape = ("n_layer", "n_head", "n_embd", "bias", "tie_weights")
+        where = f"model.init_from={self.init_from!r} ({', '.join(f'{k}={getattr(arch, k)}' for k in shape[:3])}, " \
+                f"vocab_size={arch.vocab_size}, block_size={arch.block_size})"
+        # The preset's default cannot be told from an explicit "gpt-nano"; any other preset must agree.
+        if self.preset != type(self).__dataclass_fields__["preset"].default:
+            if self.preset not in PRESETS:
+                raise ValueError(f"model.preset={self.preset!r} is invalid; allowed: {', '.join(available_presets())}")
+            if any(getattr(PRESETS[self.preset], k) != getattr(arch, k) for k in shape):
+                raise ValueError(f"model.preset={self.preset!r} disagrees with {where}; allowed: leave model.preset unset")
+        for key in ("vocab_size", "block_size"):
+            v = getattr(self, key)
+            if v is not None and v != getattr(arch, key):
+                raise ValueError(f"model.{key}={v!r} disagrees with {where}; allowed: null or {getattr(arch, key)}")
+
+    def check_data(self, data) -> None:
+        """With ``init_from``: ``data`` (a DataConfig) must rebuild the tokenizer the weights were trained with."""
+        if self.init_from is not None:
+            check_tokenizer(read_gpt_dir_config(self.init_from)["tokenizer"], data, self.init_from)
+
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model ``cfg`` describes. Initialisation is deterministic given ``torch.manual_seed``."""
     cfg.validate()
+    if cfg.init_from is not None:
+        return load_gpt_dir(cfg.init_from, dropout=cfg.dropout)[0]
     if cfg.hf_path is not None:
         model = HFCausalLM.from_pretrained(cfg.hf_path, block_size=cfg.block_size)
         if cfg.vocab_size is not None and cfg.vocab_size != model.vocab_size:
@@ -61,5 +96,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 __all__ = [
     "BALANCE_MODES", "GPT", "GPTConfig", "HFCausalLM", "ModelConfig", "PRESETS", "Stage",
-    "available_presets", "build_model", "partition", "preset_config", "register_preset",
+    "available_presets", "build_model", "check_tokenizer", "load_gpt_dir", "partition", "preset_config",
+    "read_gpt_dir_config", "register_preset", "save_gpt_dir", "tokenizer_info",
 ]
