@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .data import DataConfig
+from .data import DataConfig, resolve_tokenizer
 from .models import ModelConfig
 
 
@@ -156,6 +156,10 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        try:  # cross-section: data.tokenizer "auto" and the HF checkpoint's own tokenizer
+            resolve_tokenizer(self.data, self.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         default_seq = DataConfig.__dataclass_fields__["seq_len"].default
         if self.data.seq_len not in (default_seq, self.train.seq_len):
             raise ConfigError(
