@@ -1,4 +1,4 @@
-"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``.
+"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``, ``export``, ``generate``.
 
 ``torchrun --nproc_per_node=N -m commtrain train --config configs/X.yaml --set a.b=c``
 """
@@ -47,6 +47,18 @@ def _schedule(args) -> int:
     return 0 if run.ok else 1
 
 
+def _export(args) -> int:
+    from .export import export_main
+
+    return export_main(args)
+
+
+def _generate(args) -> int:
+    from .generate import generate_main
+
+    return generate_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("COMMTRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
@@ -76,6 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=8)
     p.set_defaults(fn=_schedule)
+
+    p = sub.add_parser("export", help="write a run's trained model as a Hugging Face or commtrain GPT directory")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's out_dir (config.yaml + checkpoints/)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory to write")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    p.add_argument("--lora", choices=("merge", "adapter"), default=None,
+                   help="LoRA adapters: merge into the weights, or save as an adapter")
+    p.add_argument("--config", default=None, help="the run's config, for runs without RUN_DIR/config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (with --config)")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("generate", help="sample text from an exported model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a `commtrain export` output (HF or commtrain GPT)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.set_defaults(fn=_generate)
 
     args = parser.parse_args(argv)
     return args.fn(args)

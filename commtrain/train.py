@@ -23,6 +23,7 @@ from .checkpoint import Checkpointer
 from .comm import ByteMeter, Communicator
 from .config import Config
 from .data import ShardedSampler, build_data
+from .export import write_run_config
 from .metrics import MetricsLogger
 from .models import build_model
 from .parallel.mesh import Mesh
@@ -147,6 +148,8 @@ class Trainer:
             cfg.data, model.vocab_size, hf_tokenizer=getattr(model, "tokenizer", None), block_size=model.block_size
         )
         self._check_same_data()
+        if self.rank == 0:  # the resolved config beside the checkpoints, for `commtrain export`
+            write_run_config(cfg, self.out_dir)
         # AC-SGD keeps per-sample buffers per replica, so with delta compression each sample
         # stays on one replica across epochs (else it would be "unseen", sent uncompressed).
         acsgd = pc.pp > 1 and cc.act_delta and cc.act != "none"
