@@ -1,4 +1,5 @@
-"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``, ``export``, ``generate``.
+"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``, ``export``, ``generate``,
+``plot``.
 
 ``torchrun --nproc_per_node=N -m commtrain train --config configs/X.yaml --set a.b=c``
 """
@@ -59,6 +60,12 @@ def _generate(args) -> int:
     return generate_main(args)
 
 
+def _plot(args) -> int:
+    from .plot import plot_main
+
+    return plot_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("COMMTRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
@@ -108,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.set_defaults(fn=_generate)
+
+    p = sub.add_parser("plot", help="draw loss, step time and wire bytes per channel of runs into one PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png, or compare.png for several)")
+    p.set_defaults(fn=_plot)
 
     args = parser.parse_args(argv)
     return args.fn(args)

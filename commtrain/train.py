@@ -24,7 +24,7 @@ from .comm import ByteMeter, Communicator
 from .config import Config
 from .data import ShardedSampler, build_data
 from .export import write_run_config
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, read_metrics, summary_line
 from .models import build_model
 from .parallel.mesh import Mesh
 from .parallel.pipeline import ActCompression, PipelineEngine
@@ -231,6 +231,8 @@ class Trainer:
         summary = {"event": "eval", "step": tc.steps, "eval_loss": self.evaluate(), "final": True}
         self.metrics.log(summary)
         self.metrics.close()
+        if self.rank == 0:  # one line: steps, tokens/s, bytes/step by channel, final eval loss, weights
+            print(summary_line(read_metrics(self.metrics.path), self.out_dir), flush=True)
         return {**last, **summary}
 
     def train_step(self, step: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from commtrain.cli import main
 from commtrain.data import build_data
 from commtrain.export import ExportError, load_gpt_dir, read_run_config
-from commtrain.metrics import read_metrics
+from commtrain.metrics import read_metrics, tensorboard_available
 from commtrain.models import GPT, build_model, preset_config
 from commtrain.models.gpt import lm_loss
 from test_train import run  # torchrun on loopback, configs/tiny.yaml (6 steps)
@@ -69,7 +69,14 @@ def shards_as_stages(model, run_dir, step) -> torch.nn.Module:
 @pytest.mark.parametrize("layout", ["dp2", "pp2"])
 def test_gpt_export_matches_the_trained_model(tmp_path, layout, capsys):
     run_dir, out = tmp_path / "run", tmp_path / "export"
-    run(run_dir, 2, *CKPT, *(DP2 if layout == "dp2" else PP2))
+    r = run(run_dir, 2, *CKPT, *(DP2 if layout == "dp2" else PP2))
+    # the end-of-run summary line (rank 0) and the TensorBoard files beside metrics.jsonl
+    summary = [ln for ln in r.stdout.splitlines() if ln.startswith("commtrain: done:")]
+    assert len(summary) == 1 and "6 steps" in summary[0] and "final eval loss" in summary[0]
+    assert f"weights: {run_dir / 'checkpoints' / 'step_00000006'}" in summary[0]
+    assert ("act " in summary[0]) is (layout == "pp2") and "grad " in summary[0]
+    if tensorboard_available():
+        assert list(run_dir.glob("events.out.tfevents.*"))
     assert main(["export", str(run_dir), str(out)]) == 0
     assert "exported step 6" in capsys.readouterr().out
     meta = json.loads((out / "config.json").read_text())
@@ -142,11 +149,22 @@ def test_hf_export_loads_with_automodel_and_matches(tmp_path, arch, layout, caps
         ref = reference(x)[0] if layout == "dp2" else reference(x)
         torch.testing.assert_close(hf(input_ids=x).logits, ref, rtol=1e-5, atol=1e-5)
 
-    args = ["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "12", "--seed", "1", "--device", "cpu"]
-    assert main(args) == 0
+    args = ["generate", str(out), "--prompt", "the quick", "--max-new-tokens", "12", "--device", "cpu"]
+    assert main([*args, "--seed", "1"]) == 0
     first = capsys.readouterr().out
-    assert main(args) == 0
+    assert main([*args, "--seed", "1"]) == 0
     assert capsys.readouterr().out == first and first.startswith("the quick")
+    # greedy through the key/value cache == greedy recomputing the whole context (no EOS in 12 tokens here)
+    assert main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    ids = torch.tensor([tok2("the quick")["input_ids"]])
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = hf(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            if int(nxt) == tok2.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt], dim=1)
+    assert greedy == tok2.decode(ids[0], skip_special_tokens=True) + "\n"
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):
