@@ -1,5 +1,4 @@
-"""``commtrain`` command line: ``train``, ``demo``, ``compare``, ``schedule``, ``export``, ``generate``,
-``plot``.
+"""``commtrain`` command line: train, demo, compare, schedule, ray, export, generate, plot.
 
 ``torchrun --nproc_per_node=N -m commtrain train --config configs/X.yaml --set a.b=c``
 """
@@ -48,6 +47,12 @@ def _schedule(args) -> int:
     return 0 if run.ok else 1
 
 
+def _ray(argv) -> int:
+    from .launch_ray import main as ray_main
+
+    return ray_main(argv)
+
+
 def _export(args) -> int:
     from .export import export_main
 
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("COMMTRAIN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "compare":  # its own argparse, owned by the perf model
         return _compare(argv[1:])
+    if argv and argv[0] == "ray":  # its own argparse (the launcher's)
+        return _ray(argv[1:])
     parser = argparse.ArgumentParser(prog="commtrain", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_demo)
 
     sub.add_parser("compare", help="predict throughput of hardware setups and codecs (see compare --help)")
+    sub.add_parser("ray", help="run `train` on a Ray cluster, one actor per rank (see ray --help)")
 
     p = sub.add_parser("schedule", help="print a pipeline schedule's step x rank grid (dry run)")
     p.add_argument("--schedule", default="1f1b")
