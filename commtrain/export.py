@@ -247,9 +247,18 @@ def _tokenizer_entry(tok) -> dict[str, Any]:
     return {"name": "hf"}
 
 
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise ExportError("the commtrain.gpt/1 format needs safetensors: pip install safetensors "
+                          "(or commtrain[hf])") from None
+    return st
+
+
 def save_gpt_dir(model, tokenizer, out_dir) -> Path:
     """Write a built-in GPT in the ``commtrain.gpt/1`` directory format (see the module docstring)."""
-    from safetensors.torch import save_model
+    save_model = _safetensors().save_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +287,7 @@ def read_gpt_config(path) -> dict[str, Any]:
 
 def load_gpt_dir(path):
     """``(GPT, tokenizer)`` from a ``commtrain.gpt/1`` directory."""
-    from safetensors.torch import load_model
+    load_model = _safetensors().load_model
 
     from .data import ByteTokenizer, FastTokenizer
     from .models import GPT, GPTConfig
@@ -307,6 +316,7 @@ def save_hf_dir(model, tokenizer, out_dir) -> Path:
     """``save_pretrained`` of the HF model and its tokenizer, plus ``commtrain.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _quiet_transformers()
     model.hf.save_pretrained(str(out))
     entry = _tokenizer_entry(tokenizer)
     if entry["name"] == "hf":
@@ -331,7 +341,6 @@ def export_run(run_dir, out_dir, step: int | None = None, lora: str | None = Non
     cfg, got_step, model = load_run_model(run_dir, step, config, overrides)
     tok = run_tokenizer(cfg, model)
     if cfg.model.hf_path is not None:
-        _quiet_transformers()
         save_hf_dir(model, tok, out)
         fmt = "hf"
     else:
@@ -353,12 +362,9 @@ def _last_step(run_dir) -> int | None:
 
 def _quiet_transformers() -> None:
     """No per-file progress bars from save/load (the CLI prints one line)."""
-    try:
-        from transformers.utils import logging as hf_logging
+    from .models.hf import _no_hf_progress_bars
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    _no_hf_progress_bars()
 
 
 def export_main(args) -> int:

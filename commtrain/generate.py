@@ -41,9 +41,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
 class _Loaded:
     """A model with ``encode``/``decode`` and ``generate_ids(ids, n, sample)``."""
 
-    def __init__(self, model, encode, decode, step, context: int | None, eos: int | None):
+    def __init__(self, model, encode, decode, step, context: int | None, eos: int | None, vocab: int):
         self.model, self.encode, self.decode, self._step = model, encode, decode, step
         self.context, self.eos = context, eos
+        self.vocab = vocab  # ids the tokenizer can decode; a model's embedding may be larger
 
 
 def _is_gpt_dir(path: Path) -> bool:
@@ -67,7 +68,8 @@ def load(model_dir, device: str | torch.device = "cpu") -> _Loaded:
             logits, _ = model(ids[:, -block:])  # a sliding window over the context
             return logits[:, -1], None
 
-        return _Loaded(model, lambda t: tok.encode(t).tolist(), lambda ids: tok.decode(ids), step_fn, None, None)
+        return _Loaded(model, lambda t: tok.encode(t).tolist(), lambda ids: tok.decode(ids), step_fn, None, None,
+                       tok.vocab_size)
     return _load_hf(path, device)
 
 
@@ -87,7 +89,7 @@ def _load_hf(path: Path, device) -> _Loaded:
             from .data import ByteTokenizer
 
             bt = ByteTokenizer()
-            encode, decode, eos = (lambda t: bt.encode(t).tolist()), bt.decode, None
+            encode, decode, eos, vocab = (lambda t: bt.encode(t).tolist()), bt.decode, None, bt.vocab_size
         else:
             try:
                 tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -96,7 +98,7 @@ def _load_hf(path: Path, device) -> _Loaded:
                                   f"{str(e).splitlines()[0]})") from None
             encode = lambda t: tok(t)["input_ids"]  # noqa: E731 -- the tokenizer's own special tokens (e.g. BOS)
             decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-            eos = tok.eos_token_id
+            eos, vocab = tok.eos_token_id, len(tok)
     cfg = model.config
     context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
@@ -112,7 +114,7 @@ def _load_hf(path: Path, device) -> _Loaded:
         out = model(input_ids=inp, use_cache=True, **{cache_kw: cache})
         return out.logits[:, -1], getattr(out, cache_kw)
 
-    return _Loaded(model, encode, decode, step_fn, context, eos)
+    return _Loaded(model, encode, decode, step_fn, context, eos, vocab)
 
 
 def generate(model_dir, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -136,7 +138,9 @@ def generate(model_dir, prompt: str, max_new_tokens: int, temperature: float = 1
     state = None
     for _ in range(max_new_tokens):
         logits, state = m._step(x, state)
-        nxt = sample_next(logits, temperature, top_k, gen)
+        # Only ids the tokenizer knows: an embedding padded past the vocabulary (or a
+        # checkpoint trained on fewer foreign ids) must not emit undecodable ones.
+        nxt = sample_next(logits[:, : m.vocab], temperature, top_k, gen)
         x = torch.cat([x, nxt[:, None]], dim=1)
         if m.eos is not None and int(nxt) == m.eos:
             break

@@ -197,3 +197,49 @@ def test_export_errors_are_one_line(tmp_path, capsys):
         load_gpt_dir(tmp_path / "nothing")
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_gpt_export_with_a_bpe_tokenizer(tmp_path, capsys):
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    run(run_dir, 1, "data.tokenizer=bpe", "data.bpe_vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_bytes=40000", "train.steps=2", "train.eval_every=0", "train.checkpoint_every=2")
+    assert main(["export", str(run_dir), str(out)]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["tokenizer"] == {"name": "bpe", "vocab_size": 300, "file": "tokenizer.json"}
+    assert meta["model"]["vocab_size"] == 300  # the trainer sized the embedding for the BPE
+    model, tok = load_gpt_dir(out)
+    from tokenizers import Tokenizer
+
+    cached = Tokenizer.from_file(str(next((tmp_path / "cache").glob("bpe-v300-*.json"))))
+    text = "import os\nfor x in range(3):\n    print(x)\n"
+    assert tok.encode(text).tolist() == cached.encode(text, add_special_tokens=False).ids
+    capsys.readouterr()
+    args = ["generate", str(out), "--prompt", "import ", "--max-new-tokens", "8", "--top-k", "5", "--seed", "2",
+            "--device", "cpu"]
+    assert main(args) == 0 and main(args) == 0
+    a, b = capsys.readouterr().out.split("\n", 1)
+    assert a + "\n" == b and a.startswith("import ")
+
+
+def test_hf_dir_with_foreign_byte_ids_generates_bytes(tmp_path, capsys):
+    """An HF model trained on byte ids (data.allow_foreign_tokenizer): commtrain.json says so."""
+    pytest.importorskip("transformers")
+    from commtrain.data import ByteTokenizer
+    from commtrain.export import save_hf_dir
+    from commtrain.generate import generate
+    from commtrain.models import ModelConfig
+    from test_models import _save_tiny
+
+    ckpt, _, _ = _save_tiny(tmp_path, "llama")
+    model = build_model(ModelConfig(hf_path=str(ckpt)))
+    save_hf_dir(model, ByteTokenizer(), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "commtrain.json").read_text())["tokenizer"] == {"name": "byte"}
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    text = generate(tmp_path / "out", "ab", 6, temperature=0)
+    ids = torch.tensor([[97, 98]])
+    with torch.no_grad():
+        for _ in range(6):  # greedy among the 256 byte ids (the embedding has 296 rows)
+            ids = torch.cat([ids, model(ids)[0][:, -1, :256].argmax(-1, keepdim=True)], dim=1)
+    assert text == ByteTokenizer().decode(ids[0])
+    with pytest.raises(ExportError, match="exceeds the model's context of 64"):
+        generate(tmp_path / "out", "ab", 63)

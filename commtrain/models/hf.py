@@ -83,6 +83,17 @@ def _offline():
             os.environ["HF_HUB_OFFLINE"] = old
 
 
+def _no_hf_progress_bars() -> None:
+    """transformers' per-file load/save bars would interleave with commtrain's own progress
+    (and garble every rank's log); commtrain reports progress itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 # -- layouts: where the embedding, decoder layers and head live ----------------------------
 _LAYOUTS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], list[nn.Module]]]] = []
 
@@ -216,6 +227,7 @@ class HFCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         p = check_hf_path(path)
+        _no_hf_progress_bars()
         with _offline():
             # SDPA lets decoder layers run without an explicit mask (is_causal), which keeps
             # stage-by-stage execution identical to the whole model.
