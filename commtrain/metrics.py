@@ -16,12 +16,10 @@ turns them off.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 
 def metrics_path(out_dir: str | os.PathLike, rank: int) -> Path:
