@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from .comm.link import LinkConfig
-from .data import DataConfig
+from .data import DataConfig, resolve_tokenizer
 from .models import ModelConfig
 from .parallel.compression import CompressionConfig
 from .parallel.mesh import ParallelConfig
@@ -84,8 +84,9 @@ class Config:
                 raise
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        try:
-            self.model.check_data(self.data)  # model.init_from: the tokenizer its weights were trained with
+        try:  # cross-section: the tokenizer an HF checkpoint or init_from weights were trained with
+            tokenizer = resolve_tokenizer(self.data, self.model)
+            self.model.check_data(dataclasses.replace(self.data, tokenizer=tokenizer))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.data.seq_len not in (DataConfig.__dataclass_fields__["seq_len"].default, self.train.seq_len):
@@ -106,6 +107,24 @@ class Config:
                 f"train.batch_size={self.train.batch_size} must be divisible by parallel.microbatches={p.microbatches}"
             )
         return self
+
+    def resolved(self, world_size: int) -> "Config":
+        """A validated copy with every derived value written out, for the run to use and record:
+        ``parallel.dp`` (the world over pp), ``data.seq_len`` (= ``train.seq_len``),
+        ``data.tokenizer`` (``auto`` resolved against the model) and ``model.vocab_size`` (the
+        trained BPE's size for the built-in GPT). ``self`` is not changed."""
+        self.validate(world_size)
+        pp, dp = self.parallel.degrees(world_size)
+        tokenizer = resolve_tokenizer(self.data, self.model)
+        vocab = self.model.vocab_size
+        if tokenizer == "bpe" and vocab is None and self.model.hf_path is None and self.model.init_from is None:
+            vocab = self.data.bpe_vocab_size  # size the embedding for the trained BPE
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, vocab_size=vocab),
+            data=dataclasses.replace(self.data, seq_len=self.train.seq_len, tokenizer=tokenizer),
+            parallel=dataclasses.replace(self.parallel, dp=dp),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,7 +8,6 @@ branches on it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -22,7 +21,8 @@ from .checkpoint import Checkpointer
 from .comm import ByteMeter, Communicator
 from .config import Config
 from .data import ShardedSampler, build_data
-from .metrics import MetricsLogger
+from .export import write_run_config
+from .metrics import MetricsLogger, read_metrics, summary_line
 from .models import build_model
 from .parallel.mesh import Mesh
 from .parallel.pipeline import PipelineEngine
@@ -46,25 +46,24 @@ def train(cfg: Config) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device):
-        self.cfg, self.device = cfg, device
-        tc, pc, cc = cfg.train, cfg.parallel, cfg.compression
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.mesh = Mesh(*pc.degrees(self.world_size))
+        # Every derived value (dp degree, tokenizer, vocab, seq_len) written out once, on a copy.
+        self.cfg = cfg = cfg.resolved(self.world_size)
+        self.device = device
+        tc, pc, cc = cfg.train, cfg.parallel, cfg.compression
+        self.mesh = Mesh(pc.pp, pc.dp)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         # Same seed on every rank: DP replicas start identical without a broadcast.
         seed_everything(tc.seed)
-        vocab = cfg.model.vocab_size
-        if cfg.data.tokenizer == "bpe" and vocab is None:
-            vocab = cfg.data.bpe_vocab_size  # size the embedding for the trained BPE
-        model = build_model(dataclasses.replace(cfg.model, vocab_size=vocab))
-        # train.seq_len is the one knob; the data section follows it.
+        model = build_model(cfg.model)
         self.train_ds, self.eval_ds, self.tokenizer = build_data(
-            dataclasses.replace(cfg.data, seq_len=tc.seq_len), model.vocab_size,
-            hf_tokenizer=getattr(model, "tokenizer", None), block_size=model.block_size,
+            cfg.data, model.vocab_size, hf_tokenizer=getattr(model, "tokenizer", None), block_size=model.block_size,
         )
         self._check_same_data()
+        if self.rank == 0:  # the resolved config beside the checkpoints, for `commtrain export`
+            write_run_config(cfg, self.out_dir)
         # AC-SGD keeps per-sample buffers per replica, so with delta compression each sample
         # stays on one replica across epochs (else it would be "unseen", sent uncompressed).
         acsgd = pc.pp > 1 and cc.act_delta and cc.act != "none"
@@ -135,6 +134,8 @@ class Trainer:
         summary = {"event": "eval", "step": tc.steps, "eval_loss": self.evaluate(), "final": True}
         self.metrics.log(summary)
         self.metrics.close()
+        if self.rank == 0:  # one line: steps, tokens/s, bytes/step by channel, final eval loss, weights
+            print(summary_line(read_metrics(self.metrics.path), self.out_dir), flush=True)
         return {**last, **summary}
 
     def train_step(self, step: int) -> dict[str, Any]:

@@ -28,6 +28,64 @@ def build_tokenizer(name: str, text: str, **kw):
     return _TOKENIZERS.get(name, "data.tokenizer")(text=text, **kw)
 
 
+AUTO = "auto"  # data.tokenizer default: the checkpoint's own with model.hf_path, else byte
+
+
+def resolve_tokenizer(data, model) -> str:
+    """The tokenizer ``data.tokenizer`` names for ``model`` (a DataConfig and a ModelConfig),
+    checked; the configs are only read (``Config.resolved`` records the answer).
+
+    A pretrained model only makes sense with the ids it was trained on, so:
+
+    - ``auto`` becomes ``hf`` when ``model.hf_path`` is set, else ``byte``;
+    - ``hf`` needs ``model.hf_path`` and a checkpoint directory with tokenizer files
+      (the error lists what is missing);
+    - ``byte``/``bpe`` with ``model.hf_path`` is refused unless ``data.allow_foreign_tokenizer``
+      is true (e.g. a checkpoint without a tokenizer, trained further on new ids); with the
+      opt-in, a BPE vocabulary must fit the checkpoint's embedding.
+
+    Called by ``Config.validate`` (before any process starts); ValueError names the keys.
+    """
+    from ..models.hf import check_hf_tokenizer_files
+
+    hf_path = getattr(model, "hf_path", None)
+    name = data.tokenizer
+    if name == AUTO:
+        name = "hf" if hf_path is not None else "byte"
+    if name == "hf":
+        if hf_path is None:
+            raise ValueError("data.tokenizer='hf' needs model.hf_path (a checkpoint with its tokenizer); "
+                             "allowed without it: auto, byte, bpe")
+        check_hf_tokenizer_files(hf_path)
+    elif hf_path is not None:
+        if not data.allow_foreign_tokenizer:
+            raise ValueError(
+                f"data.tokenizer={name!r} with model.hf_path={hf_path!r}: a pretrained model must see the "
+                "token ids it was trained on; use data.tokenizer=hf (the default, auto), or set "
+                "data.allow_foreign_tokenizer=true to train it on foreign ids on purpose"
+            )
+        if name == "bpe":
+            vocab = checkpoint_vocab_size(hf_path)
+            if vocab is not None and data.bpe_vocab_size > vocab:
+                raise ValueError(
+                    f"data.bpe_vocab_size={data.bpe_vocab_size} exceeds the vocabulary of model.hf_path={hf_path!r}; "
+                    f"allowed: <= {vocab}"
+                )
+    return name
+
+
+def checkpoint_vocab_size(path) -> int | None:
+    """``vocab_size`` from a checkpoint's config.json (no model load), or None."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("vocab_size", cfg.get("text_config", {}).get("vocab_size"))
+    return v if isinstance(v, int) else None
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("COMMTRAIN_CACHE", Path.home() / ".cache" / "commtrain"))
 
@@ -122,7 +180,10 @@ def _bpe(text: str, bpe_vocab_size: int = 2048, cache_dir=None, **_) -> FastToke
 def _hf(text: str, hf_tokenizer=None, **_) -> FastTokenizer:
     """The checkpoint's own tokenizer (passed in by the caller, e.g. ``HFCausalLM.tokenizer``)."""
     if hf_tokenizer is None:
-        raise ValueError("data.tokenizer='hf' needs the checkpoint's tokenizer; allowed with model.hf_path only")
+        raise ValueError(
+            "data.tokenizer='hf' needs the checkpoint's tokenizer, and none was loaded; allowed with a "
+            "model.hf_path whose directory holds loadable tokenizer files (see the warning above, if any)"
+        )
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"data.tokenizer='hf': {type(hf_tokenizer).__name__} is not a fast tokenizer")

@@ -15,6 +15,8 @@ final norm + lm head. Each known layout is a small function registered with
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ from torch import nn
 from .gpt import lm_loss
 from .stage import Stage, split_into_stages
 
+log = logging.getLogger(__name__)
+
 
 def check_hf_path(path) -> Path:
     """The checkpoint directory, or ValueError naming the path and what is missing."""
@@ -35,6 +39,34 @@ def check_hf_path(path) -> Path:
     if not (p / "config.json").is_file():
         raise ValueError(f"model.hf_path={str(path)!r} has no config.json; expected a save_pretrained() directory")
     return p
+
+
+# What AutoTokenizer can build a *fast* tokenizer from, in the order it looks: the fast
+# tokenizer's own file, a GPT-2 style BPE vocabulary, or a sentencepiece model (converted).
+TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def check_hf_tokenizer_files(path) -> list[str]:
+    """The tokenizer files present in checkpoint ``path``, or ValueError saying what is missing.
+
+    A checkpoint directory saved with ``model.save_pretrained`` alone has weights and
+    config.json but no tokenizer; the error names the files looked for and the ones found,
+    and how to fix it (save the tokenizer there, or opt into a foreign tokenizer).
+    """
+    p = check_hf_path(path)
+    for files in TOKENIZER_FILE_SETS:
+        if all((p / f).is_file() for f in files):
+            return list(files)
+    present = sorted(f.name for f in p.iterdir() if f.is_file())
+    partial = [f"{' + '.join(fs)} (missing {', '.join(f for f in fs if not (p / f).is_file())})"
+               for fs in TOKENIZER_FILE_SETS if len(fs) > 1 and any((p / f).is_file() for f in fs)]
+    wanted = " or ".join(" + ".join(fs) for fs in TOKENIZER_FILE_SETS)
+    raise ValueError(
+        f"model.hf_path={str(path)!r} has no tokenizer files: looked for {wanted}"
+        + (f"; incomplete: {'; '.join(partial)}" if partial else "")
+        + f"; found: {', '.join(present) or 'nothing'}. Save the checkpoint's tokenizer there "
+        "(tokenizer.save_pretrained(path)), or train with data.tokenizer=byte|bpe and data.allow_foreign_tokenizer=true"
+    )
 
 
 @contextmanager
@@ -49,6 +81,17 @@ def _offline():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _no_hf_progress_bars() -> None:
+    """transformers' per-file load/save bars would interleave with commtrain's own progress
+    (and garble every rank's log); commtrain reports progress itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 # -- layouts: where the embedding, decoder layers and head live ----------------------------
@@ -70,7 +113,18 @@ def _causal_mask(config, hidden: torch.Tensor, position_ids: torch.Tensor):
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None,
-                              past_key_values=None, position_ids=position_ids)
+                              position_ids=position_ids, **{_mask_cache_kw(): None})
+
+
+@functools.lru_cache(maxsize=1)
+def _mask_cache_kw() -> str:
+    """create_causal_mask's no-cache argument: renamed past_key_values -> cache in transformers
+    5.x; pass whichever this version takes (neither a TypeError nor a FutureWarning)."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
@@ -161,6 +215,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.tokenizer = tokenizer
+        self.tokenizer_error: str | None = None  # why the checkpoint's tokenizer did not load
         cfg = hf_model.config
         max_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         if block_size is not None and max_pos is not None and block_size > max_pos:
@@ -172,15 +227,23 @@ class HFCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         p = check_hf_path(path)
+        _no_hf_progress_bars()
         with _offline():
             # SDPA lets decoder layers run without an explicit mask (is_causal), which keeps
             # stage-by-stage execution identical to the whole model.
             model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, attn_implementation="sdpa", **kwargs)
+            tok, error = None, None
             try:
                 tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-            except (OSError, ValueError):
-                tok = None  # a checkpoint without tokenizer files: the data config must supply one
-        return cls(model, tok, block_size)
+            except (OSError, ValueError, ImportError) as e:
+                # A checkpoint without (loadable) tokenizer files: the data config must supply
+                # one; data.tokenizer=hf then reports why this one did not load.
+                error = f"{type(e).__name__}: {e}".splitlines()[0]
+                if any((p / f).is_file() for fs in TOKENIZER_FILE_SETS for f in fs):
+                    log.warning("the tokenizer in %s did not load (%s)", p, error)
+        out = cls(model, tok, block_size)
+        out.tokenizer_error = error
+        return out
 
     @property
     def vocab_size(self) -> int:
