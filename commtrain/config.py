@@ -20,6 +20,7 @@ import yaml
 
 from .comm.link import LinkConfig
 from .data import DataConfig, resolve_tokenizer
+from .data.tokenizer import checkpoint_vocab_size
 from .models import ModelConfig
 from .parallel.compression import CompressionConfig
 from .parallel.mesh import ParallelConfig
@@ -117,8 +118,9 @@ class Config:
         pp, dp = self.parallel.degrees(world_size)
         tokenizer = resolve_tokenizer(self.data, self.model)
         vocab = self.model.vocab_size
-        if tokenizer == "bpe" and vocab is None and self.model.hf_path is None and self.model.init_from is None:
-            vocab = self.data.bpe_vocab_size  # size the embedding for the trained BPE
+        if tokenizer == "bpe" and vocab is None and self.model.init_from is None:
+            # The built-in GPT's embedding is sized for the trained BPE; an HF checkpoint keeps its own.
+            vocab = checkpoint_vocab_size(self.model.hf_path) if self.model.hf_path else self.data.bpe_vocab_size
         return dataclasses.replace(
             self,
             model=dataclasses.replace(self.model, vocab_size=vocab),

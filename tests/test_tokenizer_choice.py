@@ -28,9 +28,9 @@ def _cfg(*sets) -> Config:
 def test_auto_resolves_to_the_checkpoints_own_tokenizer(llama):
     d, _, _ = llama
     assert DataConfig().tokenizer == "auto"
-    assert _cfg(f"model.hf_path={d}").validate(1).data.tokenizer == "hf"
-    assert _cfg().validate(1).data.tokenizer == "byte"  # the built-in GPT keeps bytes
-    assert _cfg("data.tokenizer=bpe").validate(1).data.tokenizer == "bpe"
+    assert _cfg(f"model.hf_path={d}").resolved(1).data.tokenizer == "hf"
+    assert _cfg().resolved(1).data.tokenizer == "byte"  # the built-in GPT keeps bytes
+    assert _cfg("data.tokenizer=bpe").resolved(1).data.tokenizer == "bpe"
 
 
 @pytest.mark.parametrize("name", ["byte", "bpe"])
@@ -41,7 +41,7 @@ def test_foreign_tokenizer_with_hf_model_is_refused_unless_asked_for(llama, name
     msg = str(e.value)
     assert "\n" not in msg and f"data.tokenizer='{name}'" in msg and "data.allow_foreign_tokenizer=true" in msg
     cfg = _cfg(f"model.hf_path={d}", f"data.tokenizer={name}", "data.allow_foreign_tokenizer=true",
-               f"data.bpe_vocab_size={V}").validate(1)
+               f"data.bpe_vocab_size={V}").resolved(1)
     assert cfg.data.tokenizer == name
     if name == "bpe":  # the checkpoint's embedding stays; BPE ids index into it
         assert cfg.model.vocab_size == V
@@ -78,7 +78,8 @@ def test_folder_without_tokenizer_files_names_what_is_missing(llama, tmp_path):
 def test_resolve_tokenizer_on_plain_sections(llama):
     d, _, _ = llama
     data = DataConfig()
-    assert resolve_tokenizer(data, ModelConfig(hf_path=str(d))) == "hf" and data.tokenizer == "hf"
+    assert resolve_tokenizer(data, ModelConfig(hf_path=str(d))) == "hf"
+    assert data.tokenizer == "auto"  # resolving reads the sections; Config.resolved records the answer
 
 
 def test_cli_refusal_is_one_line(llama, capsys):
