@@ -9,10 +9,12 @@ import torch
 
 from commtrain.compress import Packet, available_codecs, build_codec, codec_class
 
-# Several parameterisations per codec: every quant bit width, both schemes, both roundings.
+# Several parameterisations per codec: every quant bit width, both schemes, both roundings
+# (absmax needs bits >= 2: its symmetric grid has an exact zero; bits=1 is refused).
 QUANT_SPECS = [
     f"quant:bits={b},scheme={s},rounding={r}"
     for b in range(1, 9) for s in ("minmax", "absmax") for r in ("nearest", "stochastic")
+    if not (s == "absmax" and b == 1)
 ]
 OTHER_SPECS = [
     "none", "fp16", "bf16",
@@ -100,7 +102,7 @@ def check_bound(c, x, y):
     elif name in ("fp16", "bf16"):
         assert torch.equal(y, x.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[name])).float())
     elif name == "quant":
-        L = 2**c.bits - 1
+        L = 2**c.bits - 1 if c.scheme == "minmax" else 2**c.bits - 2  # absmax: -h..h, h = L / 2
         for a, b in groups(x, c.group):
             xs = x[a:b]
             step = ((xs.max() - xs.min()) / L) if c.scheme == "minmax" else 2 * xs.abs().max() / L
@@ -235,11 +237,47 @@ def test_quant_minmax_layout():
 
 def test_quant_absmax_3bit_layout():
     c = build_codec("quant:bits=3,group=8,scheme=absmax,rounding=nearest")
-    x = torch.tensor([-7.0, -5.0, -3.0, -1.0, 1.0, 3.0, 5.0, 7.0])  # step 2, codes 0..7
-    bits = "".join(format(code, "03b")[::-1] for code in range(8))  # LSB first stream
+    # h = 3: grid -3..3 times step = amax / 3 = 2; code = q + 3 in 0..6 (7 is never written).
+    x = torch.tensor([-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, -0.0])
+    want = [0, 1, 2, 3, 4, 5, 6, 3]
+    bits = "".join(format(code, "03b")[::-1] for code in want)  # LSB first stream
     codes = [int(bits[i:i + 8][::-1], 2) for i in range(0, 24, 8)]
-    assert c.compress(x).payload.tolist() == codes + f32(7.0)
+    assert c.compress(x).payload.tolist() == codes + f32(2.0)
     assert torch.equal(c.decompress(c.compress(x)), x)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_quant_absmax_zero_is_exact(bits, rounding):
+    """Exact zeros decode to exactly 0 with absmax (issue 9): a zero-initialised LoRA B matrix,
+    a tensor that is mostly zeros, and zeros inside groups of large values."""
+    c = build_codec(f"quant:bits={bits},group=128,scheme=absmax,rounding={rounding}")
+    gen = torch.Generator().manual_seed(bits)
+    lora_b = torch.zeros(64, 16)
+    sparse = torch.randn(1000, generator=gen) * (torch.rand(1000, generator=gen) < 0.1)
+    mixed = torch.randn(3, 129, generator=gen) * 1e3
+    mixed[:, ::4] = 0.0
+    for x in (lora_b, sparse, mixed, torch.zeros(1), torch.tensor([0.0, -0.0, 5.0])):
+        for dtype in DTYPES:
+            xd = x.to(dtype)
+            y = c.decompress(c.compress(xd, torch.Generator().manual_seed(7)))
+            assert y.dtype == dtype and torch.equal(y[xd == 0], torch.zeros_like(y[xd == 0]))
+            assert torch.isfinite(y).all()
+    # ... while minmax (no zero in its grid unless min or max is 0) does not guarantee it:
+    m = build_codec(f"quant:bits={bits},group=128,rounding=nearest")
+    y = m.decompress(m.compress(mixed))
+    assert bits == 8 or (y[mixed == 0] != 0).any()
+
+
+def test_quant_absmax_one_bit_is_refused_with_one_line():
+    with pytest.raises(ValueError) as ei:
+        build_codec("quant:bits=1,scheme=absmax")
+    msg = str(ei.value)
+    assert "bits=1" in msg and "absmax" in msg and "2..8" in msg and "\n" not in msg
+    from commtrain.compress.kernels import torch_ops
+
+    with pytest.raises(ValueError, match="bits=1"):
+        torch_ops.quantize_pack(torch.randn(10), 1, 8, "absmax", False, None)
 
 
 def test_natural_layout():

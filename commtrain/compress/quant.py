@@ -2,14 +2,21 @@
 round-to-nearest), the workhorse codec for gradients, activations and ZeRO++-style weights.
 
 Math. ``x`` is cut into groups of ``group`` consecutive elements (the last may be partial).
-Each group gets an affine grid of L + 1 = 2^bits points, ``lo + step * c`` for c in 0..L:
+Each group gets a uniform grid of L + 1 points spaced ``step`` apart:
 
-* ``scheme="minmax"``: lo = min(x_g), step = (max(x_g) - min(x_g)) / L (asymmetric; the two
-  extremes are exactly representable). Scales cost 8 bytes per group (lo, step).
-* ``scheme="absmax"``: lo = -amax, step = 2 * amax / L with amax = max|x_g| (symmetric, as in
-  ZeRO++ / CGX). Scales cost 4 bytes per group (amax).
+* ``scheme="minmax"``: L = 2^bits - 1, points lo + step * c for c in 0..L, lo = min(x_g),
+  step = (max(x_g) - min(x_g)) / L (asymmetric; the two extremes are exactly representable).
+  Scales cost 8 bytes per group (lo, step).
+* ``scheme="absmax"`` (bits >= 2): L = 2^bits - 2, points q * step for q in -h..h with
+  h = L / 2 = 2^(bits-1) - 1 and step = amax / h, amax = max|x_g| (symmetric, as in ZeRO++ /
+  CGX and int8's -127..127). Zero is a grid point, so exact zeros (zero-initialised LoRA B
+  matrices, masked or pruned weights, padding) round-trip exactly under both roundings; the
+  price is one unused code (2^bits - 1) out of 2^bits. bits=1 has no symmetric grid with a
+  zero and is refused (use minmax, whose 1-bit grid is {min, max}). Scales cost 4 bytes per
+  group (step).
 
-``rounding="nearest"`` rounds v = (x - lo) / step half-to-even: |x' - x| <= step / 2.
+``rounding="nearest"`` rounds v = (x - lo) / step (absmax: v = x / step) half-to-even:
+|x' - x| <= step / 2.
 ``rounding="stochastic"`` takes floor(v + u), u ~ U[0, 1): E[x'] = x and |x' - x| < step
 (Alistarh et al., "QSGD", NeurIPS 2017; Gupta et al., "Deep learning with limited numerical
 precision", ICML 2015).
@@ -17,7 +24,7 @@ precision", ICML 2015).
 Payload (the layout CUDA kernels reproduce bit for bit; see ``kernels/torch_ops.py``)::
 
     [codes: ceil(n * bits / 8) bytes, code i at bits i*bits.., LSB first]
-    [scales: ceil(n / group) records of fp32 little endian: (lo, step) | (amax,)]
+    [scales: ceil(n / group) records of fp32 little endian: (lo, step) | (step,)]
 
 so 4-bit, group 128 costs ceil(n/2) + 8 * ceil(n/128) bytes (minmax).
 
@@ -47,10 +54,11 @@ class Quant(Codec):
     @property
     def contractive(self) -> bool:
         """Nearest rounding errs by at most step/2 per element. With minmax,
-        ||x_g||^2 >= range^2 / 2 and step = range / L, so ||C(x) - x||^2 < ||x||^2 holds
-        whenever group < 2 L^2; with absmax, ||x_g||^2 >= amax^2 and step/2 = amax / L, so
-        group < L^2. (Stochastic rounding is unbiased, not contractive.)"""
-        L = (1 << self.bits) - 1
+        ||x_g||^2 >= range^2 / 2 and step = range / L (L = 2^bits - 1), so
+        ||C(x) - x||^2 < ||x||^2 holds whenever group < 2 L^2; with absmax,
+        ||x_g||^2 >= amax^2 and step/2 = amax / L (L = 2^bits - 2 steps across
+        [-amax, amax]), so group < L^2. (Stochastic rounding is unbiased, not contractive.)"""
+        L = (1 << self.bits) - 1 if self.scheme == "minmax" else (1 << self.bits) - 2
         bound = 2 * L * L if self.scheme == "minmax" else L * L
         return self.rounding == "nearest" and self.group < bound
 
@@ -59,6 +67,9 @@ class Quant(Codec):
         check_range(self, "group", self.group, 1)
         check_choice(self, "scheme", self.scheme, SCHEMES)
         check_choice(self, "rounding", self.rounding, ROUNDINGS)
+        if self.scheme == "absmax" and self.bits == 1:
+            raise ValueError(f"{self.name}: bits=1 with scheme=absmax is invalid; allowed: bits=2..8 for absmax "
+                             "(a symmetric grid with an exact zero needs 3 points), or scheme=minmax for 1 bit")
 
     def payload_nbytes(self, numel, dtype=None):
         return quant_payload_nbytes(numel, self.bits, self.group, self.scheme)

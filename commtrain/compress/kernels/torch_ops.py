@@ -89,7 +89,8 @@ def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # * Stochastic rounding draws one uniform u in [0, 1) per element (``torch.rand`` here,
 #   Philox in the CUDA kernels): tests compare statistics, not bits.
 # * Non-finite inputs: a group holding any NaN/Inf gets NaN as its per-group scalar, and its
-#   codes are written as 0, so the whole group decodes as NaN; other groups are unaffected.
+#   codes are those of v = 0 (quant: code 0 for minmax, h for absmax; level codecs: 0), so
+#   the whole group decodes as NaN; other groups are unaffected.
 # =========================================================================================
 
 _NAN = float("nan")
@@ -129,15 +130,31 @@ def _scalars(payload: torch.Tensor, offset: int, count: int) -> torch.Tensor:
 
 # -- quant: uniform b-bit quantisation with per-group scales ---------------------------------
 # Payload:  [codes: ceil(n*bits/8) bytes, bit layout above][scales: G records, fp32 LE]
-#   scheme "minmax": record g = (lo_g, step_g)  8 bytes; lo = min, step = (max - min) / L
-#   scheme "absmax": record g = (amax_g,)        4 bytes; lo = -amax, step = 2 * amax / L
-# with L = 2**bits - 1. Encoding (fp32 arithmetic, in this order):
-#   v = (x - lo) / step            (v = 0 when step == 0, i.e. a constant group)
-#   code = clamp(round_half_even(v), 0, L)   rounding="nearest"
-#   code = clamp(floor(v + u), 0, L)          rounding="stochastic" (E[code] = v)
-# Decoding: x' = lo + step * code (two fp32 operations, no FMA in the reference).
+#   scheme "minmax": record g = (lo_g, step_g)  8 bytes; lo = min, step = (max - min) / L,
+#     L = 2**bits - 1; code c in 0..L decodes as lo + step * c.
+#   scheme "absmax" (bits >= 2): record g = (scale_g,) 4 bytes; a symmetric grid with an
+#     exact zero, as int8 symmetric quantisation (-127..127): h = 2**(bits-1) - 1,
+#     scale = amax * fl32(1/h) (a multiplication by the fp32 reciprocal), signed level
+#     q in -h..h stored as code = q + h in 0..2h (code 2**bits - 1 is never written) and
+#     decoded as (code - h) * scale, so x = 0 round-trips to exactly 0.
+# Encoding (fp32 arithmetic, in this order):
+#   minmax: v = (x - lo) / step; absmax: v = x / scale   (v = 0 when the group is constant
+#     or all zero (step or scale 0), or non-finite)
+#   q = round_half_even(v)   rounding="nearest"
+#   q = floor(v + u)          rounding="stochastic" (E[q] = v)
+#   code = clamp(q, 0, L) (minmax) | clamp(q, -h, h) + h (absmax)
+# Decoding: minmax x' = lo + step * code; absmax x' = (code - h) * scale (fp32, no FMA).
 def quant_levels(bits: int) -> int:
+    """Steps of the minmax grid: L = 2**bits - 1 (L + 1 points)."""
     return (1 << bits) - 1
+
+
+def absmax_half_levels(bits: int) -> int:
+    """h of the absmax grid -h..h (2h + 1 points, one of them 0): 2**(bits-1) - 1."""
+    if bits < 2:
+        raise ValueError(f"quant: bits={bits} with scheme=absmax is invalid; allowed: 2..8 (a symmetric grid "
+                         "with an exact zero needs 3 points; use scheme=minmax for 1 bit)")
+    return (1 << (bits - 1)) - 1
 
 
 def quant_scale_nbytes(scheme: str) -> int:
@@ -148,51 +165,52 @@ def quant_payload_nbytes(n: int, bits: int, group: int, scheme: str) -> int:
     return packed_nbytes(n, bits) + quant_scale_nbytes(scheme) * num_groups(n, group)
 
 
-def _quant_lo_step(scales: torch.Tensor, bits: int, scheme: str):
-    L = quant_levels(bits)
-    if scheme == "minmax":
-        s = scales.view(-1, 2)
-        return s[:, 0:1], s[:, 1:2]
-    amax = scales.view(-1, 1)
-    return -amax, 2.0 * amax / L
-
-
 def quantize_pack(x: torch.Tensor, bits: int, group: int, scheme: str, stochastic: bool, gen) -> torch.Tensor:
     """b-bit quantise ``x`` per group and pack codes + scales into one uint8 payload."""
-    n, L = x.numel(), quant_levels(bits)
+    n = x.numel()
     xg = _grouped(x, group, "edge")
     if scheme == "minmax":
+        L = quant_levels(bits)
         lo, hi = xg.amin(1, keepdim=True), xg.amax(1, keepdim=True)  # both propagate NaN
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         lo = torch.where(finite, lo, _NAN)
         step = torch.where(finite, (hi - lo) / L, _NAN)
         scales = torch.cat([lo, step], 1)
+        qmin, qmax, offset = 0, L, 0
     elif scheme == "absmax":
+        h = absmax_half_levels(bits)
         amax = xg.abs().amax(1, keepdim=True)
         finite = torch.isfinite(amax)
-        amax = scales = torch.where(finite, amax, _NAN)
-        lo, step = -amax, 2.0 * amax / L
+        lo = 0.0
+        step = scales = torch.where(finite, amax * (1.0 / h), _NAN)
+        qmin, qmax, offset = -h, h, h
     else:
         raise ValueError(f"quantize_pack: scheme={scheme!r} is invalid; allowed: minmax, absmax")
-    # Constant groups (step 0) and non-finite groups get code 0: dividing by inf gives 0
-    # for finite x, and the NaNs of non-finite x are zeroed below.
+    # Constant/all-zero groups (step 0) and non-finite groups get v = 0: dividing by inf
+    # gives 0 for finite x, and the NaNs of non-finite x are zeroed below.
     ok = finite & (step > 0)
-    v = xg.sub(torch.where(ok, lo, 0.0)).div_(torch.where(ok, step, float("inf")))
+    v = xg.sub(torch.where(ok, lo, 0.0)) if scheme == "minmax" else xg.clone()
+    v.div_(torch.where(ok, step, float("inf")))
     if stochastic:
         v.add_(_uniform(v.shape, v, gen)).floor_()
     else:
         v.round_()
-    v.nan_to_num_(nan=0.0)
-    codes = _ungroup(v.clamp_(0, L).to(torch.uint8), n)
+    v.nan_to_num_(nan=0.0).clamp_(qmin, qmax)
+    if offset:
+        v.add_(offset)
+    codes = _ungroup(v.to(torch.uint8), n)
     return torch.cat([pack_bits(codes, bits), to_bytes(scales)])
 
 
 def _dequantize_grouped(payload, n, bits, group, scheme):
     nb = packed_nbytes(n, bits)
     G = num_groups(n, group)
-    codes = _grouped_codes(unpack_bits(payload[:nb], bits, n), group)
-    lo, step = _quant_lo_step(_scalars(payload, nb, G * quant_scale_nbytes(scheme) // 4), bits, scheme)
-    return lo + step * codes.float()
+    codes = _grouped_codes(unpack_bits(payload[:nb], bits, n), group).float()
+    s = _scalars(payload, nb, G * quant_scale_nbytes(scheme) // 4)
+    if scheme == "minmax":
+        s = s.view(-1, 2)
+        return s[:, 0:1] + s[:, 1:2] * codes
+    return (codes - absmax_half_levels(bits)) * s.view(-1, 1)
 
 
 def unpack_dequantize(payload: torch.Tensor, n: int, bits: int, group: int, scheme: str) -> torch.Tensor:
