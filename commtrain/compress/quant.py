@@ -28,16 +28,35 @@ Payload (the layout CUDA kernels reproduce bit for bit; see ``kernels/torch_ops.
 
 so 4-bit, group 128 costs ceil(n/2) + 8 * ceil(n/128) bytes (minmax).
 
-NaN/Inf: a group holding a NaN or Inf stores NaN scales and decodes entirely as NaN; other
-groups are unaffected. Values within a factor 2 of the fp32 maximum may overflow the step.
+``rotate="hadamard"`` (``group`` a power of two) quantizes a randomized Hadamard transform
+of each group instead of the group itself: y_g = H (s * x_g) / (2 group), with H the +-1
+Walsh-Hadamard matrix and s random signs derived from the codec's ``seed`` (identical at
+both ends, never sent), and decodes x_g' = 2 s * (H y_g'). The transform is orthogonal up
+to a scale, so the error bounds above hold for y and carry over to x in L2
+(||x' - x|| / ||x|| = ||y' - y|| / ||y||), but a few outliers no longer set the group's
+scale: their energy is spread over the whole group (QuaRot; TAH-Quant). A partial last
+group of r elements is zero-padded to the next power of two p >= r for the transform, so
+the payload holds codes for (G - 1) * group + p elements (n when group divides n); signs,
+padding and the exact layout are documented at ``hadamard_rotate`` in
+``kernels/torch_ops.py``. The rotation runs in torch on every back-end (the CuPy back-end
+quantizes the rotated values with its fused kernel); ``rotate="none"`` (default) is the
+plain codec, byte for byte.
+
+NaN/Inf: a group holding a NaN or Inf stores NaN scales and decodes entirely as NaN (with
+rotation too: the transform mixes only within a group); other groups are unaffected.
+Finite inputs: absmax decodes finite values for every finite input; minmax overflows its
+step (and decodes the group as non-finite) when a group's range max - min exceeds the fp32
+maximum, i.e. values of both signs beyond half of it. With rotation the decoded values
+are clamped to the fp32 range.
 """
 from __future__ import annotations
 
 from .codec import Codec, check_choice, check_range, register_codec
-from .kernels.torch_ops import quant_payload_nbytes
+from .kernels.torch_ops import hadamard_numel, hadamard_rotate, hadamard_unrotate, quant_payload_nbytes
 
 SCHEMES = ("minmax", "absmax")
 ROUNDINGS = ("stochastic", "nearest")
+ROTATIONS = ("none", "hadamard")
 
 
 @register_codec("quant")
@@ -46,6 +65,7 @@ class Quant(Codec):
     group: int = 128
     scheme: str = "minmax"
     rounding: str = "stochastic"
+    rotate: str = "none"
 
     @property
     def unbiased(self) -> bool:
@@ -70,13 +90,24 @@ class Quant(Codec):
         if self.scheme == "absmax" and self.bits == 1:
             raise ValueError(f"{self.name}: bits=1 with scheme=absmax is invalid; allowed: bits=2..8 for absmax "
                              "(a symmetric grid with an exact zero needs 3 points), or scheme=minmax for 1 bit")
+        check_choice(self, "rotate", self.rotate, ROTATIONS)
+        if self.rotate == "hadamard" and (self.group < 2 or self.group & (self.group - 1)):
+            raise ValueError(f"{self.name}: group={self.group} is invalid with rotate=hadamard; allowed: a power "
+                             "of two >= 2 (e.g. 64, 128, 256)")
+
+    def _coded_numel(self, numel: int) -> int:
+        return hadamard_numel(numel, self.group) if self.rotate == "hadamard" else numel
 
     def payload_nbytes(self, numel, dtype=None):
-        return quant_payload_nbytes(numel, self.bits, self.group, self.scheme)
+        return quant_payload_nbytes(self._coded_numel(numel), self.bits, self.group, self.scheme)
 
     def encode(self, x, gen):
         stochastic = self.rounding == "stochastic"
+        if self.rotate == "hadamard":
+            x = hadamard_rotate(x, self.group, self.seed)
         return self.ops(x.device).quantize_pack(x, self.bits, self.group, self.scheme, stochastic, gen)
 
     def decode(self, payload, numel):
-        return self.ops(payload.device).unpack_dequantize(payload, numel, self.bits, self.group, self.scheme)
+        m = self._coded_numel(numel)
+        y = self.ops(payload.device).unpack_dequantize(payload, m, self.bits, self.group, self.scheme)
+        return hadamard_unrotate(y, numel, self.group, self.seed) if self.rotate == "hadamard" else y

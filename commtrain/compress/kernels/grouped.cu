@@ -181,6 +181,9 @@ __device__ __forceinline__ void grouped_stats(const typename In<DT>::T* x, i64 n
             }
         }
         r = __fsqrt_rn(block_reduce(ss, 2, sh));  // 0 for an all-zero bucket: norm = 0 * 0
+        // Cap the L2 norm below the fp32 maximum (torch_ops.level_encode: NORM_CAP); am = 0
+        // gives inf here, which leaves r alone.
+        r = fminf(r, __fdiv_rn(__uint_as_float(0x7f7ffffeu), am));
     }
     if (threadIdx.x == 0) {
         float p0, p1, rec[2];
