@@ -40,7 +40,10 @@ the payload holds codes for (G - 1) * group + p elements (n when group divides n
 padding and the exact layout are documented at ``hadamard_rotate`` in
 ``kernels/torch_ops.py``. The rotation runs in torch on every back-end (the CuPy back-end
 quantizes the rotated values with its fused kernel); ``rotate="none"`` (default) is the
-plain codec, byte for byte.
+plain codec, byte for byte. Measured on a (64, 512) activation with 4 columns 50x larger
+(3 seeds): 4-bit minmax nearest 0.255 -> 0.058 relative error, 8-bit 0.0135 -> 0.0034; but
+2-bit absmax (grid -1, 0, 1) gets worse, 0.27 -> 0.44, since most of a rotated,
+Gaussian-like group rounds to 0 while the outliers alone were exact before.
 
 NaN/Inf: a group holding a NaN or Inf stores NaN scales and decodes entirely as NaN (with
 rotation too: the transform mixes only within a group); other groups are unaffected.
