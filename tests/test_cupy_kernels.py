@@ -368,6 +368,18 @@ def test_dispatch_and_backend_name():
         assert pkt.payload.numel() == c.payload_nbytes(x.numel()) and c.decompress(pkt).dtype == torch.float16
 
 
+@pytest.mark.parametrize("spec", ["quant:bits=4,group=128,rounding=nearest,rotate=hadamard",
+                                  "quant:bits=3,group=64,scheme=absmax,rounding=nearest,rotate=hadamard"])
+def test_rotated_quant_uses_the_fused_quantizer(spec):
+    """rotate=hadamard: the rotation runs in torch on the GPU, the quantization in the CuPy
+    kernel; with nearest rounding the bytes equal the torch reference on the same device."""
+    x = data(100003, seed=93)
+    a, b = build_codec(spec, kernel="cupy"), build_codec(spec, kernel="torch")
+    pa, pb = a.compress(x), b.compress(x)
+    same_bytes(pa.payload, pb.payload)
+    same_floats(a.decompress(pa), b.decompress(pb))
+
+
 def test_bad_arguments_are_named():
     x = data(10)
     with pytest.raises(ValueError, match="bits=9"):
