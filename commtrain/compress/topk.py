@@ -264,5 +264,5 @@ class TopK(Sparsifier):
         loc = unpack_uint(payload[nv: nv + ni], self._index_bits(), K)
         out = torch.zeros(M * C, dtype=torch.float32, device=dev)
         out[row * C + loc] = values
-        out = torch.where(bad_row[:, None], float("nan"), out.view(M, C))
-        return out.reshape(-1)[:numel]
+        out.view(M, C).masked_fill_(bad_row[:, None], float("nan"))  # in place, no host sync
+        return out[:numel]
