@@ -7,12 +7,15 @@ import struct
 import pytest
 import torch
 
+from codec_refs import rotated_groups, rotated_numel, topk_chunk_nbytes
 from commtrain.compress import Packet, available_codecs, build_codec, codec_class
 
-# Several parameterisations per codec: every quant bit width, both schemes, both roundings.
+# Several parameterisations per codec: every quant bit width, both schemes, both roundings
+# (absmax needs bits >= 2: its symmetric grid has an exact zero; bits=1 is refused).
 QUANT_SPECS = [
     f"quant:bits={b},scheme={s},rounding={r}"
     for b in range(1, 9) for s in ("minmax", "absmax") for r in ("nearest", "stochastic")
+    if not (s == "absmax" and b == 1)
 ]
 OTHER_SPECS = [
     "none", "fp16", "bf16",
@@ -21,6 +24,13 @@ OTHER_SPECS = [
     "natural",
     "natural_dither", "natural_dither:levels=3,norm=inf", "natural_dither:levels=127,bucket=100",
     "topk", "topk:k=3", "topk:ratio=0.3,value_dtype=fp16", "topk:ratio=1.0,value_dtype=bf16",
+    # chunk-wise top-k (SparseLoCo): quantized values, or value_dtype values, packed indices
+    "topk:ratio=0.01,chunk=4096,value_bits=2", "topk:ratio=0.02,chunk=64,value_bits=2", "topk:ratio=0.3,chunk=7",
+    "topk:k=3,chunk=10,value_bits=1", "topk:ratio=0.1,chunk=300,value_bits=8", "topk:chunk=100,value_dtype=fp16",
+    "topk:k=2,chunk=2,value_bits=3",
+    # randomized Hadamard rotation before quantization
+    "quant:bits=4,group=128,rotate=hadamard", "quant:bits=3,group=8,scheme=absmax,rounding=nearest,rotate=hadamard",
+    "quant:bits=8,group=256,rounding=nearest,rotate=hadamard", "quant:bits=2,group=2,rotate=hadamard",
     "randomk", "randomk:k=5,unbiased=false", "randomk:ratio=0.5,value_dtype=fp16",
     "fp8", "fp8:format=e5m2", "fp8:rounding=stochastic,group=32", "fp8:format=e5m2,rounding=stochastic,group=1",
 ]
@@ -29,7 +39,7 @@ SPECS = QUANT_SPECS + OTHER_SPECS
 # for correctness, exempt from the "actually compresses" check.
 DEGENERATE = {
     "quant:bits=3,group=1,rounding=nearest", "qsgd:levels=3,bucket=1", "topk:ratio=1.0,value_dtype=bf16",
-    "fp8:format=e5m2,rounding=stochastic,group=1",
+    "fp8:format=e5m2,rounding=stochastic,group=1", "topk:k=2,chunk=2,value_bits=3", "quant:bits=2,group=2,rotate=hadamard",
 }
 SIZES = [(0,), (1,), (7,), (3, 5, 7), (1000,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -63,7 +73,8 @@ def expected_nbytes(c, n, dtype):
     if name in ("fp16", "bf16"):
         return 2 * n
     if name == "quant":
-        return ceil_div(n * c.bits, 8) + (8 if c.scheme == "minmax" else 4) * ceil_div(n, c.group)
+        m = rotated_numel(n, c.group) if c.rotate == "hadamard" else n  # codes for the rotated groups
+        return ceil_div(m * c.bits, 8) + (8 if c.scheme == "minmax" else 4) * ceil_div(n, c.group)
     if name in ("qsgd", "natural_dither"):
         bits = math.ceil(math.log2(c.levels + 1)) + 1
         return ceil_div(n * bits, 8) + 4 * ceil_div(n, c.bucket)
@@ -71,6 +82,8 @@ def expected_nbytes(c, n, dtype):
         return n + 4
     if name == "fp8":
         return n + 4 * ceil_div(n, c.group)
+    if name == "topk" and c.chunk:
+        return topk_chunk_nbytes(c, n)
     if name == "topk":
         k = sparse_k(c, n)
         return k * VBYTES[c.value_dtype] + k * (2 if n <= 65536 else 4)
@@ -99,8 +112,17 @@ def check_bound(c, x, y):
         assert torch.equal(x, y)
     elif name in ("fp16", "bf16"):
         assert torch.equal(y, x.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[name])).float())
+    elif name == "quant" and c.rotate == "hadamard":
+        # L2 per group: x' - x = 2 s * H (y' - y) with H H = m I, so ||x' - x|| = 2 sqrt(m) ||y' - y||
+        # and ||y' - y|| <= sqrt(m) * (step_y / 2 | step_y), step_y from the rotated group y.
+        L = 2**c.bits - 1 if c.scheme == "minmax" else 2**c.bits - 2
+        for (yg, r), (a, b) in zip(rotated_groups(x, c.group, c.seed), groups(x, c.group)):
+            m = yg.numel()
+            step = (yg.max() - yg.min()) / L if c.scheme == "minmax" else 2 * yg.abs().max() / L
+            e = step / 2 if c.rounding == "nearest" else step
+            assert (y[a:b] - x[a:b]).double().norm() <= 2 * m * e * (1 + 1e-4) + 1e-5 * x[a:b].abs().max(), (a, b)
     elif name == "quant":
-        L = 2**c.bits - 1
+        L = 2**c.bits - 1 if c.scheme == "minmax" else 2**c.bits - 2  # absmax: -h..h, h = L / 2
         for a, b in groups(x, c.group):
             xs = x[a:b]
             step = ((xs.max() - xs.min()) / L) if c.scheme == "minmax" else 2 * xs.abs().max() / L
@@ -129,6 +151,8 @@ def check_bound(c, x, y):
             scale = xs.abs().max() / fmax
             lim = torch.maximum(xs.abs() * 2.0 ** -(m + 1), scale * 2.0 ** (emin - m - 1)) * k
             assert (err[a:b] <= lim * (1 + 1e-5) + 1e-30).all(), (a, b)
+    elif name == "topk" and c.chunk:
+        check_topk_chunks(c, x, y)
     elif name == "topk":
         kk = sparse_k(c, x.numel())
         kept = y != 0
@@ -144,6 +168,50 @@ def check_bound(c, x, y):
         scale = x.numel() / kk if (c.unbiased and kk) else 1.0
         vdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[c.value_dtype]
         assert torch.allclose(y[kept], (x[kept] * scale).to(vdt).float(), rtol=0, atol=0)
+
+
+def check_topk_chunks(c, x, y):
+    """Per chunk (vectorised over chunks): exactly k_c kept, none dropped larger than a kept
+    one, and the kept values as documented (value dtype cast, or sign + magnitude grid)."""
+    C, n = c.chunk, x.numel()
+    M = ceil_div(n, C)
+    pad = M * C - n
+    X = torch.cat([x, x.new_zeros(pad)]).view(M, C)
+    Y = torch.cat([y, y.new_zeros(pad)]).view(M, C)
+    valid = (torch.arange(M * C) < n).view(M, C)
+    lens = valid.sum(1)
+    k_row = torch.tensor([chunk_k_ref(c, int(v)) for v in lens])
+    kept = Y != 0  # random normal inputs: a kept value never decodes to 0
+    assert torch.equal(kept.sum(1), k_row)
+    dropped_max = torch.where(~kept & valid, X.abs(), -1.0).amax(1)
+    kept_min = torch.where(kept, X.abs(), float("inf")).amin(1)
+    assert (dropped_max <= kept_min).all()
+    if not c.value_bits:
+        vdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[c.value_dtype]
+        assert torch.equal(Y[kept], X[kept].to(vdt).float())
+        return
+    assert torch.equal(torch.sign(Y[kept]), torch.sign(X[kept])), "signs are sent exactly"
+    A = X.abs()
+    lo = torch.where(kept, A, float("inf")).amin(1, keepdim=True)
+    hi = torch.where(kept, A, -1.0).amax(1, keepdim=True)
+    L = 2 ** (c.value_bits - 1) - 1
+    err = (Y.abs() - A).abs()
+    if L == 0:  # scaled sign: every kept magnitude is the mean kept magnitude
+        mean = torch.where(kept, A, 0.0).sum(1, keepdim=True) / k_row[:, None]
+        assert torch.allclose(torch.where(kept, Y.abs(), mean), mean.expand(M, C), rtol=1e-5, atol=0)
+        # contractive in aggregate: ||v - mean sign(v)||^2 = ||v||^2 - k mean^2 < ||v||^2
+        assert ((torch.where(kept, err, 0.0) ** 2).sum(1) < (torch.where(kept, A, 0.0) ** 2).sum(1)).all()
+    else:
+        bound = (hi - lo) / L / 2 * (1 + 1e-5) + 1e-6 * hi
+        assert (torch.where(kept, err, 0.0) <= bound).all()
+        assert (torch.where(kept, Y.abs(), lo) >= lo * (1 - 1e-6)).all() and (Y.abs() <= hi * (1 + 1e-6)).all()
+        assert (torch.where(kept, err, 0.0) <= A * (1 + 1e-6)).all(), "never errs by more than |v| (contractive)"
+
+
+def chunk_k_ref(c, length):
+    from codec_refs import chunk_k
+
+    return chunk_k(c, length)
 
 
 # -- round trips ---------------------------------------------------------------------------
@@ -187,9 +255,9 @@ def test_large_odd_size(spec):
     y = c.decompress(pkt)
     assert y.shape == x.shape and torch.isfinite(y).all()
     if c.name in ("none", "fp16", "bf16", "natural", "topk", "randomk"):
-        check_bound(c, x, y)  # elementwise checks: cheap at this size
+        check_bound(c, x, y)  # elementwise or vectorised checks: cheap at this size
     else:  # per-group checks run in Python: check the last few groups (incl. the partial one)
-        g = getattr(c, GROUP_PARAM[c.name])
+        g = group_of(c)
         start = max(0, (n - 4096) // g * g)
         check_bound(c, x[start:], y[start:])
 
@@ -235,11 +303,47 @@ def test_quant_minmax_layout():
 
 def test_quant_absmax_3bit_layout():
     c = build_codec("quant:bits=3,group=8,scheme=absmax,rounding=nearest")
-    x = torch.tensor([-7.0, -5.0, -3.0, -1.0, 1.0, 3.0, 5.0, 7.0])  # step 2, codes 0..7
-    bits = "".join(format(code, "03b")[::-1] for code in range(8))  # LSB first stream
+    # h = 3: grid -3..3 times step = amax / 3 = 2; code = q + 3 in 0..6 (7 is never written).
+    x = torch.tensor([-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, -0.0])
+    want = [0, 1, 2, 3, 4, 5, 6, 3]
+    bits = "".join(format(code, "03b")[::-1] for code in want)  # LSB first stream
     codes = [int(bits[i:i + 8][::-1], 2) for i in range(0, 24, 8)]
-    assert c.compress(x).payload.tolist() == codes + f32(7.0)
+    assert c.compress(x).payload.tolist() == codes + f32(2.0)
     assert torch.equal(c.decompress(c.compress(x)), x)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_quant_absmax_zero_is_exact(bits, rounding):
+    """Exact zeros decode to exactly 0 with absmax (issue 9): a zero-initialised LoRA B matrix,
+    a tensor that is mostly zeros, and zeros inside groups of large values."""
+    c = build_codec(f"quant:bits={bits},group=128,scheme=absmax,rounding={rounding}")
+    gen = torch.Generator().manual_seed(bits)
+    lora_b = torch.zeros(64, 16)
+    sparse = torch.randn(1000, generator=gen) * (torch.rand(1000, generator=gen) < 0.1)
+    mixed = torch.randn(3, 129, generator=gen) * 1e3
+    mixed[:, ::4] = 0.0
+    for x in (lora_b, sparse, mixed, torch.zeros(1), torch.tensor([0.0, -0.0, 5.0])):
+        for dtype in DTYPES:
+            xd = x.to(dtype)
+            y = c.decompress(c.compress(xd, torch.Generator().manual_seed(7)))
+            assert y.dtype == dtype and torch.equal(y[xd == 0], torch.zeros_like(y[xd == 0]))
+            assert torch.isfinite(y).all()
+    # ... while minmax (no zero in its grid unless min or max is 0) does not guarantee it:
+    m = build_codec(f"quant:bits={bits},group=128,rounding=nearest")
+    y = m.decompress(m.compress(mixed))
+    assert bits == 8 or (y[mixed == 0] != 0).any()
+
+
+def test_quant_absmax_one_bit_is_refused_with_one_line():
+    with pytest.raises(ValueError) as ei:
+        build_codec("quant:bits=1,scheme=absmax")
+    msg = str(ei.value)
+    assert "bits=1" in msg and "absmax" in msg and "2..8" in msg and "\n" not in msg
+    from commtrain.compress.kernels import torch_ops
+
+    with pytest.raises(ValueError, match="bits=1"):
+        torch_ops.quantize_pack(torch.randn(10), 1, 8, "absmax", False, None)
 
 
 def test_natural_layout():
@@ -274,9 +378,14 @@ def test_randomk_decoder_regenerates_indices():
 
 
 # -- NaN / Inf -----------------------------------------------------------------------------
-GROUP_PARAM = {"quant": "group", "fp8": "group", "qsgd": "bucket", "natural_dither": "bucket"}
+GROUP_PARAM = {"quant": "group", "fp8": "group", "qsgd": "bucket", "natural_dither": "bucket", "topk": "chunk"}
 ELEMENTWISE = ("none", "fp16", "bf16", "natural")
-WHOLE_TENSOR = ("topk", "randomk")
+WHOLE_TENSOR = ("topk", "randomk")  # topk without chunk
+
+
+def group_of(c):
+    """The codec's NaN/Inf group size (quant/fp8 groups, buckets, top-k chunks), or None."""
+    return getattr(c, GROUP_PARAM[c.name]) if c.name in GROUP_PARAM else None
 
 
 @pytest.mark.parametrize("spec", SPECS + [n for n in codec_names_with_packets() if n not in SPECS])
@@ -291,8 +400,8 @@ def test_nan_inf_contract(spec):
     y = c.decompress(c.compress(x, torch.Generator().manual_seed(6)))
     y_clean = c.decompress(c.compress(clean, torch.Generator().manual_seed(6)))
     assert not torch.isfinite(y[bad_pos]).any(), "a non-finite input was silently made finite"
-    if c.name in GROUP_PARAM:
-        g = getattr(c, GROUP_PARAM[c.name])
+    if group_of(c):
+        g = group_of(c)
         gid = torch.arange(n) // g
         hit = torch.isin(gid, bad_pos // g)
         assert torch.isnan(y[hit]).all()
@@ -307,7 +416,8 @@ def test_nan_inf_contract(spec):
         assert torch.isnan(y).all()
 
 
-@pytest.mark.parametrize("spec", ["quant:bits=4", "qsgd", "natural", "fp8", "topk:k=1", "randomk:k=1"])
+@pytest.mark.parametrize("spec", ["quant:bits=4", "qsgd", "natural", "fp8", "topk:k=1", "randomk:k=1",
+                                  "topk:chunk=64,value_bits=2", "topk:chunk=100", "quant:bits=4,rotate=hadamard"])
 def test_all_nonfinite_and_all_zero_inputs(spec):
     c = build_codec(spec)
     for x in (torch.full((300,), float("nan")), torch.full((300,), float("inf")), torch.zeros(300)):
@@ -349,6 +459,15 @@ def test_corrupt_payload_size_raises(spec):
         ("fp8:format=e3m4", "format", "e4m3, e5m2"),
         ("fp8:rounding=down", "rounding", "nearest, stochastic"),
         ("fp8:group=0", "group", ">= 1"),
+        ("topk:chunk=1", "chunk", ">= 2"),
+        ({"name": "topk", "chunk": 2.5}, "chunk", "an integer >= 2"),
+        ("topk:value_bits=2", "value_bits", "needs chunk"),
+        ("topk:chunk=64,value_bits=9", "value_bits", "1..8"),
+        ("topk:chunk=64,value_bits=0", "value_bits", "1..8"),
+        ("topk:chunk=64,value_bits=2,value_dtype=fp16", "value_bits", "one of them"),
+        ("quant:group=100,rotate=hadamard", "group", "power of two"),
+        ("quant:group=1,rotate=hadamard", "group", "power of two"),
+        ("quant:rotate=fft", "rotate", "none, hadamard"),
     ],
 )
 def test_bad_params_name_parameter_and_allowed_values(spec, param, allowed):
@@ -381,6 +500,9 @@ def test_properties_are_truthful_flags():
     assert build_codec("quant:bits=4,rounding=nearest").contractive
     assert not build_codec("quant:bits=1,rounding=nearest").contractive  # group 128 >= 2 * 1^2
     assert build_codec("topk").contractive and not build_codec("topk").unbiased
+    assert build_codec("topk:chunk=4096,value_bits=2").contractive
+    assert build_codec("quant:bits=4,rounding=nearest,rotate=hadamard").contractive
+    assert build_codec("quant:bits=4,rotate=hadamard").unbiased
     assert build_codec("randomk").unbiased and build_codec("randomk").needs_shared_seed
     r = build_codec("randomk:unbiased=false")
     assert r.contractive and not r.unbiased

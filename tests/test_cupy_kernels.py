@@ -65,11 +65,12 @@ def same_bytes(a, b):
 
 # -- quant: bit-exact for nearest rounding ------------------------------------------------------
 QUANT_CASES = [(n, g) for n in (1, 7, 1000003) for g in (7, 100, 128, 5000)] + [(BIG, 128), (BIG, 100)]
+# absmax needs bits >= 2 (its symmetric grid -h..h has an exact zero).
+BITS_SCHEMES = [(b, s) for s in ("minmax", "absmax") for b in range(1, 9) if (b, s) != (1, "absmax")]
 
 
 @pytest.mark.parametrize("n,group", QUANT_CASES)
-@pytest.mark.parametrize("scheme", ["minmax", "absmax"])
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits,scheme", BITS_SCHEMES)
 def test_quant_nearest_bit_exact(bits, scheme, n, group):
     x = data(n, seed=n % 13)
     ref = T.quantize_pack(x, bits, group, scheme, False, None)
@@ -81,6 +82,26 @@ def test_quant_nearest_bit_exact(bits, scheme, n, group):
     got = acc.clone()
     assert C.unpack_dequantize_add(ref, n, bits, group, scheme, got) is got
     same_floats(got, want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("group", [7, 128])
+def test_quant_absmax_zero_exact(bits, group):
+    """Exact zeros (and -0) decode to exactly 0 with absmax, nearest and stochastic, and the
+    nearest-rounding payload is bit-exact vs the reference on zero-heavy data."""
+    x = data(100003, seed=17)
+    x[torch.rand(x.numel(), generator=torch.Generator().manual_seed(1)).to(DEV) < 0.7] = 0.0
+    x[1::97] = -0.0
+    x[: 3 * group] = 0.0  # whole zero groups (scale 0)
+    ref = T.quantize_pack(x, bits, group, "absmax", False, None)
+    same_bytes(C.quantize_pack(x, bits, group, "absmax", False, None), ref)
+    for stoch in (False, True):
+        p = C.quantize_pack(x, bits, group, "absmax", stoch, gen(3))
+        y = C.unpack_dequantize(p, x.numel(), bits, group, "absmax")
+        same_floats(y, T.unpack_dequantize(p, x.numel(), bits, group, "absmax"))
+        assert (y[x == 0] == 0).all()
+    with pytest.raises(ValueError, match="bits=1"):
+        C.quantize_pack(x, 1, group, "absmax", False, None)
 
 
 def test_empty_inputs_launch_nothing():
@@ -131,11 +152,10 @@ def nonfinite_data(n, group):
 def test_nonfinite_groups(group):
     n = 10 * group + 3
     x = nonfinite_data(n, group)
-    for bits in (1, 4, 7):
-        for scheme in ("minmax", "absmax"):
-            ref = T.quantize_pack(x, bits, group, scheme, False, None)
-            same_bytes(C.quantize_pack(x, bits, group, scheme, False, None), ref)
-            same_floats(C.unpack_dequantize(ref, n, bits, group, scheme), T.unpack_dequantize(ref, n, bits, group, scheme))
+    for bits, scheme in ((1, "minmax"), (4, "minmax"), (7, "minmax"), (2, "absmax"), (4, "absmax"), (7, "absmax")):
+        ref = T.quantize_pack(x, bits, group, scheme, False, None)
+        same_bytes(C.quantize_pack(x, bits, group, scheme, False, None), ref)
+        same_floats(C.unpack_dequantize(ref, n, bits, group, scheme), T.unpack_dequantize(ref, n, bits, group, scheme))
     for fmt in ("e4m3", "e5m2"):
         ref = T.fp8_encode(x, fmt, group, False, None)
         same_bytes(C.fp8_encode(x, fmt, group, False, None), ref)
@@ -189,11 +209,18 @@ def test_quant_stochastic(bits, scheme, group):
     p, ref = enc_c(x, gen(1)), T.quantize_pack(x, bits, group, scheme, False, None)
     nb = T.packed_nbytes(n, bits)
     same_bytes(p[nb:], ref[nb:])  # scales are deterministic
-    # Every code is floor(v) or floor(v) + 1 of the reference's v.
-    lo, step = T._quant_lo_step(T._scalars(ref, nb, (ref.numel() - nb) // 4), bits, scheme)
-    v = ((T._grouped(x, group, "edge") - lo) / step).reshape(-1)[:n]
+    # Every code is floor(v) or floor(v) + 1 of the reference's v (absmax: code = q + h).
+    s = T._scalars(ref, nb, (ref.numel() - nb) // 4)
+    xg = T._grouped(x, group, "edge")
+    if scheme == "minmax":
+        s = s.view(-1, 2)
+        v, top = (xg - s[:, 0:1]) / s[:, 1:2], (1 << bits) - 1
+    else:
+        h = T.absmax_half_levels(bits)
+        v, top = xg / s.view(-1, 1) + h, 2 * h
+    v = v.reshape(-1)[:n]
     code = T.unpack_bits(p[:nb], bits, n).float()
-    d = code - torch.floor(v).clamp(0, (1 << bits) - 1)
+    d = code - torch.floor(v).clamp(0, top)
     assert ((d == 0) | (d == 1)).all()
     assert torch.equal(enc_c(x, gen(5)), enc_c(x, gen(5))), "same generator state must give the same payload"
     assert not torch.equal(enc_c(x, gen(5)), enc_c(x, gen(6)))
@@ -339,6 +366,18 @@ def test_dispatch_and_backend_name():
         c = build_codec(spec, kernel="cupy")
         pkt = c.compress(x.half())
         assert pkt.payload.numel() == c.payload_nbytes(x.numel()) and c.decompress(pkt).dtype == torch.float16
+
+
+@pytest.mark.parametrize("spec", ["quant:bits=4,group=128,rounding=nearest,rotate=hadamard",
+                                  "quant:bits=3,group=64,scheme=absmax,rounding=nearest,rotate=hadamard"])
+def test_rotated_quant_uses_the_fused_quantizer(spec):
+    """rotate=hadamard: the rotation runs in torch on the GPU, the quantization in the CuPy
+    kernel; with nearest rounding the bytes equal the torch reference on the same device."""
+    x = data(100003, seed=93)
+    a, b = build_codec(spec, kernel="cupy"), build_codec(spec, kernel="torch")
+    pa, pb = a.compress(x), b.compress(x)
+    same_bytes(pa.payload, pb.payload)
+    same_floats(a.decompress(pa), b.decompress(pb))
 
 
 def test_bad_arguments_are_named():

@@ -9,7 +9,9 @@ of its neighbouring levels among {0} U {2^-k : k = 0..s-1} (s = ``levels``) with
 
 so E[C(v)] = v (unbiased). Geometric levels spend resolution where the small coordinates of
 a gradient are, and give a variance bound exponentially better in s than QSGD's uniform
-levels for the same number of bits.
+levels for the same number of bits. As in ``qsgd``, an L2 norm beyond the fp32 range is
+capped just below the fp32 maximum (still >= max|v_i|, so still unbiased): the output is
+finite for every finite input.
 
 Payload: [codes: ceil(n * (w + 1) / 8) bytes][norms: ceil(n / bucket) fp32], where
 w = ceil(log2(s + 1)), code = j | (negative << w) and level j decodes as 0 (j = 0) or

@@ -9,7 +9,10 @@ as sign(v_i) and a level l_i in 0..s (s = ``levels``) with
 and decodes to ||v|| * sign(v_i) * l_i / s. E[l_i] = s |v_i| / ||v||, so the codec is
 unbiased; its variance is bounded by min(n/s^2, sqrt(n)/s) ||v||^2 (Lemma 3.1 of the paper).
 The norm is computed as amax * ||v / amax|| so that it does not overflow for large finite
-values (it is stored as fp32 and becomes inf only if ||v|| itself exceeds the fp32 range).
+values. A bucket whose ||v|| itself exceeds the fp32 range (finite values within a factor
+sqrt(bucket) of the fp32 maximum) uses the largest fp32 norm below the maximum instead: any
+norm >= max|v_i| keeps the codec unbiased (and lowers its variance), so the output is finite
+for every finite input, and inputs of normal size give the same bytes as before.
 
 Payload: [codes: ceil(n * (w + 1) / 8) bytes][norms: ceil(n / bucket) fp32], where
 w = ceil(log2(s + 1)) and code = level | (negative << w) (layout in

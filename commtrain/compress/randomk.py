@@ -13,6 +13,9 @@ codec's own generator, so successive calls pick fresh subsets.
 
 NaN/Inf: the whole tensor is the group. If any element is non-finite, the encoder sends NaN
 values and the whole tensor decodes as NaN (a non-sampled NaN/Inf is never silently 0).
+Finite inputs give finite outputs: a sent value (n/k) x_i beyond the value dtype's range
+(fp32 near its maximum, or fp16 beyond 65504) saturates at +-max of that dtype instead of
+becoming inf (biased for those elements only; unscaled values never exceed fp32's range).
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ class RandomK(Sparsifier):
         n, k = x.numel(), self.num_kept(x.numel())
         seed = torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).cpu()
         values = x[shared_indices(int(seed), n, k, x.device)] * self._scale(n, k)
-        values = torch.where(torch.isfinite(x).all(), values, float("nan")).to(self._vdtype)
+        vmax = torch.finfo(self._vdtype).max  # saturate: finite x never becomes inf
+        values = torch.where(torch.isfinite(x).all(), values.clamp(-vmax, vmax), float("nan")).to(self._vdtype)
         return torch.cat([to_bytes(seed.to(torch.int64)).to(x.device), to_bytes(values)])
 
     def decode(self, payload, numel):

@@ -182,20 +182,24 @@ def _grouped_decode(payload, n, group, mode, aux, bits, out, fn):
     return out
 
 
+def _check_quant(fn, bits, group, scheme):
+    _check_int(fn, "bits", bits, 1, 8)
+    _check_int(fn, "group", group, 1)
+    _check_choice(fn, "scheme", scheme, ("minmax", "absmax"))
+    if scheme == "absmax":
+        torch_ops.absmax_half_levels(bits)  # bits=1 has no symmetric grid with a zero: one-line error
+
+
 def quantize_pack(x: torch.Tensor, bits: int, group: int, scheme: str, stochastic: bool, gen) -> torch.Tensor:
     """Fused :func:`torch_ops.quantize_pack` (same bytes for nearest rounding)."""
-    _check_int("quantize_pack", "bits", bits, 1, 8)
-    _check_int("quantize_pack", "group", group, 1)
-    _check_choice("quantize_pack", "scheme", scheme, ("minmax", "absmax"))
+    _check_quant("quantize_pack", bits, group, scheme)
     rec = torch_ops.quant_scale_nbytes(scheme)
     return _grouped_encode(x, group, _MODES[scheme], bits, 0, int(bool(stochastic)), bits, rec, gen,
                            "quantize_pack", True)
 
 
 def unpack_dequantize(payload: torch.Tensor, n: int, bits: int, group: int, scheme: str) -> torch.Tensor:
-    _check_int("unpack_dequantize", "bits", bits, 1, 8)
-    _check_int("unpack_dequantize", "group", group, 1)
-    _check_choice("unpack_dequantize", "scheme", scheme, ("minmax", "absmax"))
+    _check_quant("unpack_dequantize", bits, group, scheme)
     _check_payload("unpack_dequantize", payload, quant_payload_nbytes(n, bits, group, scheme))
     return _grouped_decode(payload, n, group, _MODES[scheme], bits, bits, None, "unpack_dequantize")
 
@@ -205,9 +209,7 @@ def unpack_dequantize_add(payload, n: int, bits: int, group: int, scheme: str, o
     ``out`` goes through the reference)."""
     if not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous() and out.numel() == n):
         return torch_ops.unpack_dequantize_add(payload, n, bits, group, scheme, out)
-    _check_int("unpack_dequantize_add", "bits", bits, 1, 8)
-    _check_int("unpack_dequantize_add", "group", group, 1)
-    _check_choice("unpack_dequantize_add", "scheme", scheme, ("minmax", "absmax"))
+    _check_quant("unpack_dequantize_add", bits, group, scheme)
     _check_payload("unpack_dequantize_add", payload, quant_payload_nbytes(n, bits, group, scheme))
     _grouped_decode(payload, n, group, _MODES[scheme], bits, bits, out.view(-1), "unpack_dequantize_add")
     return out

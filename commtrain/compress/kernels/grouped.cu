@@ -81,9 +81,13 @@ __device__ __forceinline__ float fp8_sr(float y, float u, int mode) {
 }
 
 __device__ __forceinline__ float inv_levels(int bits) { return __fdiv_rn(1.f, (float)((1 << bits) - 1)); }
+// absmax grid -h..h with an exact zero: h = 2^(bits-1) - 1 (bits >= 2; cupy_ops refuses 1).
+__device__ __forceinline__ float half_levels(int bits) { return (float)((1 << (bits - 1)) - 1); }
+__device__ __forceinline__ float inv_half_levels(int bits) { return __fdiv_rn(1.f, half_levels(bits)); }
 
 // Per-group reduction results -> encode parameters (p0, p1) and the payload record.
-//   quant:  p0 = lo, p1 = step          record (lo, step) | (amax)
+//   quant:  minmax p0 = lo, p1 = step    record (lo, step)
+//           absmax p0 = scale = amax / h  record (scale)
 //   fp8:    p0 = scale (NaN: bad group)  record scale
 //   level:  p0 = amax (NaN: bad group), p1 = r (L2 of |x|/amax, or 1)   record norm
 __device__ __forceinline__ void finalize(int mode, int aux, int norm2, int finite, float mn, float mx, float amax,
@@ -93,8 +97,8 @@ __device__ __forceinline__ void finalize(int mode, int aux, int norm2, int finit
         float step = finite ? __fmul_rn(__fsub_rn(mx, lo), inv_levels(aux)) : CT_NAN;
         *p0 = lo; *p1 = step; rec[0] = lo; rec[1] = step;
     } else if (mode == M_QABSMAX) {
-        float am = finite ? amax : CT_NAN;
-        *p0 = -am; *p1 = __fmul_rn(__fmul_rn(2.f, am), inv_levels(aux)); rec[0] = am;
+        float scale = finite ? __fmul_rn(amax, inv_half_levels(aux)) : CT_NAN;
+        *p0 = scale; *p1 = 0.f; rec[0] = scale;
     } else if (is_fp8(mode)) {
         float scale = __fmul_rn(amax, __fdiv_rn(1.f, fp8_fmax(mode)));
         *p0 = finite ? scale : CT_NAN; *p1 = 0.f; rec[0] = *p0;
@@ -107,11 +111,17 @@ __device__ __forceinline__ void finalize(int mode, int aux, int norm2, int finit
 // One element's code (the torch reference's formulas, same fp32 operations in the same order).
 __device__ __forceinline__ u32 encode_one(int mode, int aux, int norm2, int stoch, float x, float p0, float p1,
                                           float u) {
-    if (mode == M_QMINMAX || mode == M_QABSMAX) {
+    if (mode == M_QMINMAX) {
         const float L = (float)((1 << aux) - 1);
         float v = (p1 > 0.f) ? __fdiv_rn(__fsub_rn(x, p0), p1) : 0.f;  // ok = finite & step > 0
         v = stoch ? floorf(__fadd_rn(v, u)) : rintf(v);
         return (u32)fminf(fmaxf(v, 0.f), L);
+    }
+    if (mode == M_QABSMAX) {
+        const float h = half_levels(aux);
+        float v = (p0 > 0.f) ? __fdiv_rn(x, p0) : 0.f;  // ok = finite & scale > 0
+        v = stoch ? floorf(__fadd_rn(v, u)) : rintf(v);
+        return (u32)__fadd_rn(fminf(fmaxf(v, -h), h), h);  // code = q + h in 0..2h
     }
     if (is_fp8(mode)) {
         const float fmax = fp8_fmax(mode);
@@ -171,6 +181,9 @@ __device__ __forceinline__ void grouped_stats(const typename In<DT>::T* x, i64 n
             }
         }
         r = __fsqrt_rn(block_reduce(ss, 2, sh));  // 0 for an all-zero bucket: norm = 0 * 0
+        // Cap the L2 norm below the fp32 maximum (torch_ops.level_encode: NORM_CAP); am = 0
+        // gives inf here, which leaves r alone.
+        r = fminf(r, __fdiv_rn(__uint_as_float(0x7f7ffffeu), am));
     }
     if (threadIdx.x == 0) {
         float p0, p1, rec[2];
@@ -295,14 +308,12 @@ __device__ __forceinline__ void grouped_fused(const typename In<DT>::T* x, i64 n
 // ---- decode (+ add into an fp32 accumulator), one thread per 8-element chunk ----------------
 __device__ __forceinline__ void dec_params(int mode, int aux, const u8* rec, float* a, float* b) {
     if (mode == M_QMINMAX) { *a = ld_f32(rec); *b = ld_f32(rec + 4); }
-    else if (mode == M_QABSMAX) {
-        float am = ld_f32(rec);
-        *a = -am; *b = __fmul_rn(__fmul_rn(2.f, am), inv_levels(aux));
-    } else { *a = ld_f32(rec); *b = 0.f; }
+    else { *a = ld_f32(rec); *b = 0.f; }  // absmax: scale; fp8: scale; level codecs: norm
 }
 
 __device__ __forceinline__ float decode_one(int mode, int aux, u32 code, float a, float b) {
-    if (mode == M_QMINMAX || mode == M_QABSMAX) return __fadd_rn(a, __fmul_rn(b, (float)code));
+    if (mode == M_QMINMAX) return __fadd_rn(a, __fmul_rn(b, (float)code));
+    if (mode == M_QABSMAX) return __fmul_rn(__fsub_rn((float)code, half_levels(aux)), a);
     if (is_fp8(mode)) return __fmul_rn(fp8_to_f32(code, mode), a);
     const int s = aux, w = 32 - __clz(s);
     u32 j = code & ((1u << w) - 1u);

@@ -7,6 +7,8 @@ A stream of ``n`` codes takes exactly ``ceil(n * bits / 8)`` bytes.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -62,6 +64,26 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return ((word[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)[:n]
 
 
+def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in [0, 2**bits) (``bits`` 1..31, e.g. top-k indices within a chunk) into
+    ceil(n*bits/8) bytes with the bit layout above. Widths up to 8 are :func:`pack_bits`;
+    wider values are split into their bit planes (LSB first), and :func:`pack_bits` at 1 bit
+    lays those out as exactly the same global bit stream (value i at bits i*bits..)."""
+    if bits <= 8:
+        return pack_bits(values, bits)
+    v = values.reshape(-1).to(torch.int32)
+    planes = (v[:, None] >> torch.arange(bits, device=v.device, dtype=torch.int32)) & 1
+    return pack_bits(planes.to(torch.uint8).reshape(-1), 1)
+
+
+def unpack_uint(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: the first ``n`` values as int64."""
+    if bits <= 8:
+        return unpack_bits(packed, bits, n).to(torch.int64)
+    planes = unpack_bits(packed, 1, n * bits).view(n, bits).to(torch.int64)
+    return (planes << torch.arange(bits, device=packed.device, dtype=torch.int64)).sum(1)
+
+
 def to_bytes(t: torch.Tensor) -> torch.Tensor:
     """Reinterpret a tensor's memory as a flat uint8 tensor (no copy when contiguous)."""
     return t.contiguous().reshape(-1).view(torch.uint8)
@@ -89,7 +111,8 @@ def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # * Stochastic rounding draws one uniform u in [0, 1) per element (``torch.rand`` here,
 #   Philox in the CUDA kernels): tests compare statistics, not bits.
 # * Non-finite inputs: a group holding any NaN/Inf gets NaN as its per-group scalar, and its
-#   codes are written as 0, so the whole group decodes as NaN; other groups are unaffected.
+#   codes are those of v = 0 (quant: code 0 for minmax, h for absmax; level codecs: 0), so
+#   the whole group decodes as NaN; other groups are unaffected.
 # =========================================================================================
 
 _NAN = float("nan")
@@ -129,15 +152,31 @@ def _scalars(payload: torch.Tensor, offset: int, count: int) -> torch.Tensor:
 
 # -- quant: uniform b-bit quantisation with per-group scales ---------------------------------
 # Payload:  [codes: ceil(n*bits/8) bytes, bit layout above][scales: G records, fp32 LE]
-#   scheme "minmax": record g = (lo_g, step_g)  8 bytes; lo = min, step = (max - min) / L
-#   scheme "absmax": record g = (amax_g,)        4 bytes; lo = -amax, step = 2 * amax / L
-# with L = 2**bits - 1. Encoding (fp32 arithmetic, in this order):
-#   v = (x - lo) / step            (v = 0 when step == 0, i.e. a constant group)
-#   code = clamp(round_half_even(v), 0, L)   rounding="nearest"
-#   code = clamp(floor(v + u), 0, L)          rounding="stochastic" (E[code] = v)
-# Decoding: x' = lo + step * code (two fp32 operations, no FMA in the reference).
+#   scheme "minmax": record g = (lo_g, step_g)  8 bytes; lo = min, step = (max - min) / L,
+#     L = 2**bits - 1; code c in 0..L decodes as lo + step * c.
+#   scheme "absmax" (bits >= 2): record g = (scale_g,) 4 bytes; a symmetric grid with an
+#     exact zero, as int8 symmetric quantisation (-127..127): h = 2**(bits-1) - 1,
+#     scale = amax * fl32(1/h) (a multiplication by the fp32 reciprocal), signed level
+#     q in -h..h stored as code = q + h in 0..2h (code 2**bits - 1 is never written) and
+#     decoded as (code - h) * scale, so x = 0 round-trips to exactly 0.
+# Encoding (fp32 arithmetic, in this order):
+#   minmax: v = (x - lo) / step; absmax: v = x / scale   (v = 0 when the group is constant
+#     or all zero (step or scale 0), or non-finite)
+#   q = round_half_even(v)   rounding="nearest"
+#   q = floor(v + u)          rounding="stochastic" (E[q] = v)
+#   code = clamp(q, 0, L) (minmax) | clamp(q, -h, h) + h (absmax)
+# Decoding: minmax x' = lo + step * code; absmax x' = (code - h) * scale (fp32, no FMA).
 def quant_levels(bits: int) -> int:
+    """Steps of the minmax grid: L = 2**bits - 1 (L + 1 points)."""
     return (1 << bits) - 1
+
+
+def absmax_half_levels(bits: int) -> int:
+    """h of the absmax grid -h..h (2h + 1 points, one of them 0): 2**(bits-1) - 1."""
+    if bits < 2:
+        raise ValueError(f"quant: bits={bits} with scheme=absmax is invalid; allowed: 2..8 (a symmetric grid "
+                         "with an exact zero needs 3 points; use scheme=minmax for 1 bit)")
+    return (1 << (bits - 1)) - 1
 
 
 def quant_scale_nbytes(scheme: str) -> int:
@@ -148,51 +187,52 @@ def quant_payload_nbytes(n: int, bits: int, group: int, scheme: str) -> int:
     return packed_nbytes(n, bits) + quant_scale_nbytes(scheme) * num_groups(n, group)
 
 
-def _quant_lo_step(scales: torch.Tensor, bits: int, scheme: str):
-    L = quant_levels(bits)
-    if scheme == "minmax":
-        s = scales.view(-1, 2)
-        return s[:, 0:1], s[:, 1:2]
-    amax = scales.view(-1, 1)
-    return -amax, 2.0 * amax / L
-
-
 def quantize_pack(x: torch.Tensor, bits: int, group: int, scheme: str, stochastic: bool, gen) -> torch.Tensor:
     """b-bit quantise ``x`` per group and pack codes + scales into one uint8 payload."""
-    n, L = x.numel(), quant_levels(bits)
+    n = x.numel()
     xg = _grouped(x, group, "edge")
     if scheme == "minmax":
+        L = quant_levels(bits)
         lo, hi = xg.amin(1, keepdim=True), xg.amax(1, keepdim=True)  # both propagate NaN
         finite = torch.isfinite(lo) & torch.isfinite(hi)
         lo = torch.where(finite, lo, _NAN)
         step = torch.where(finite, (hi - lo) / L, _NAN)
         scales = torch.cat([lo, step], 1)
+        qmin, qmax, offset = 0, L, 0
     elif scheme == "absmax":
+        h = absmax_half_levels(bits)
         amax = xg.abs().amax(1, keepdim=True)
         finite = torch.isfinite(amax)
-        amax = scales = torch.where(finite, amax, _NAN)
-        lo, step = -amax, 2.0 * amax / L
+        lo = 0.0
+        step = scales = torch.where(finite, amax * (1.0 / h), _NAN)
+        qmin, qmax, offset = -h, h, h
     else:
         raise ValueError(f"quantize_pack: scheme={scheme!r} is invalid; allowed: minmax, absmax")
-    # Constant groups (step 0) and non-finite groups get code 0: dividing by inf gives 0
-    # for finite x, and the NaNs of non-finite x are zeroed below.
+    # Constant/all-zero groups (step 0) and non-finite groups get v = 0: dividing by inf
+    # gives 0 for finite x, and the NaNs of non-finite x are zeroed below.
     ok = finite & (step > 0)
-    v = xg.sub(torch.where(ok, lo, 0.0)).div_(torch.where(ok, step, float("inf")))
+    v = xg.sub(torch.where(ok, lo, 0.0)) if scheme == "minmax" else xg.clone()
+    v.div_(torch.where(ok, step, float("inf")))
     if stochastic:
         v.add_(_uniform(v.shape, v, gen)).floor_()
     else:
         v.round_()
-    v.nan_to_num_(nan=0.0)
-    codes = _ungroup(v.clamp_(0, L).to(torch.uint8), n)
+    v.nan_to_num_(nan=0.0).clamp_(qmin, qmax)
+    if offset:
+        v.add_(offset)
+    codes = _ungroup(v.to(torch.uint8), n)
     return torch.cat([pack_bits(codes, bits), to_bytes(scales)])
 
 
 def _dequantize_grouped(payload, n, bits, group, scheme):
     nb = packed_nbytes(n, bits)
     G = num_groups(n, group)
-    codes = _grouped_codes(unpack_bits(payload[:nb], bits, n), group)
-    lo, step = _quant_lo_step(_scalars(payload, nb, G * quant_scale_nbytes(scheme) // 4), bits, scheme)
-    return lo + step * codes.float()
+    codes = _grouped_codes(unpack_bits(payload[:nb], bits, n), group).float()
+    s = _scalars(payload, nb, G * quant_scale_nbytes(scheme) // 4)
+    if scheme == "minmax":
+        s = s.view(-1, 2)
+        return s[:, 0:1] + s[:, 1:2] * codes
+    return (codes - absmax_half_levels(bits)) * s.view(-1, 1)
 
 
 def unpack_dequantize(payload: torch.Tensor, n: int, bits: int, group: int, scheme: str) -> torch.Tensor:
@@ -206,15 +246,116 @@ def unpack_dequantize_add(payload, n: int, bits: int, group: int, scheme: str, o
     return out.add_(unpack_dequantize(payload, n, bits, group, scheme))
 
 
+# -- randomized Hadamard rotation (quant rotate="hadamard") ---------------------------------------
+# Rotating a group before quantizing it spreads a few large outliers over the whole group, so
+# the per-group scale is set by the group's RMS rather than its largest element (QuaRot,
+# Ashkboos et al. 2024; TAH-Quant 2025). Per group of m elements (m = group, a power of two):
+#
+#   forward:  y = H_m (s * x) / (2 m)        inverse:  x = 2 m s * (H_m (y / m))
+#
+# with H_m the (unnormalised, symmetric, +-1) Sylvester-Hadamard matrix (H_m H_m = m I) and
+# s in {-1, +1}^m random signs. The scalings are powers of two (exact; only values below
+# ~2^-126 * 2m, far under any quantization step of their group, lose bits) placed so that
+# nothing overflows: every forward value is half an average of inputs (|y| <= max|x| / 2, so
+# even minmax's range max(y) - min(y) fits fp32), the inverse butterflies run on y / m (stage
+# t is bounded by 2^t max|y| / m <= max|y|), and the result is clamped to +-fp32max / (2m)
+# before the final scaling: a finite group decodes to finite values for every finite input,
+# however coarse the quantization. H_m is applied by log2(m) butterfly stages over reshaped
+# views: O(n log m).
+#
+# Signs: s[j] for position j within a group (the same vector for every group, as QuaRot's
+# diagonal), drawn as 1 - 2 * torch.randint(0, 2, (group,)) from a CPU torch.Generator seeded
+# with (codec seed XOR HADAMARD_SALT): sender and receiver derive them from the codec's seed
+# alone (nothing is sent), on any device, and the salt keeps them independent of the
+# stochastic-rounding stream that the same seed starts.
+#
+# Layout: the G - 1 full groups are rotated as they are; a partial last group of r elements is
+# zero-padded to p = the next power of two >= r (p <= group) and rotated with H_p (its signs:
+# s[:p]), because all p rotated values are needed to invert it. The rotated vector therefore
+# has hadamard_numel(n, group) = (G - 1) * group + p elements (= n when group divides n), and
+# is quantized as usual: codes for those elements, one scale record per group (G of them).
+HADAMARD_SALT = 0x2545F4914F6CDD1D
+
+
+def hadamard_numel(n: int, group: int) -> int:
+    """Rotated length: full groups as they are, a partial last group padded to a power of two."""
+    full, r = divmod(n, group)
+    return full * group + (1 << (r - 1).bit_length() if r else 0)
+
+
+@functools.lru_cache(maxsize=64)
+def hadamard_signs(seed: int, group: int, device: str) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) ^ HADAMARD_SALT)
+    s = 1.0 - 2.0 * torch.randint(0, 2, (group,), generator=gen, dtype=torch.int64).to(torch.float32)
+    return s.to(device)
+
+
+def _fwht(y: torch.Tensor) -> torch.Tensor:
+    """H_m applied along dim 1 of a contiguous (R, m) tensor, m a power of two; ``y`` is used
+    as scratch (overwritten). Stage h combines the pairs (i, i + h) of every 2h-block."""
+    R, m = y.shape
+    src, dst = y, torch.empty_like(y)
+    h = 1
+    while h < m:
+        s, d = src.view(R, m // (2 * h), 2, h), dst.view(R, m // (2 * h), 2, h)
+        torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=d[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src
+
+
+def _hadamard_blocks(n: int, group: int):
+    """(start, rows, width m, real elements per row) of the full groups and the padded tail."""
+    full, r = divmod(n, group)
+    blocks = [(0, full, group, group)] if full else []
+    if r:
+        blocks.append((full * group, 1, 1 << (r - 1).bit_length(), r))
+    return blocks
+
+
+def hadamard_rotate(x: torch.Tensor, group: int, seed: int) -> torch.Tensor:
+    """Flat float32 ``x`` -> its rotated groups, flat, ``hadamard_numel(n, group)`` elements."""
+    signs = hadamard_signs(seed, group, str(x.device))
+    out = []
+    for start, rows, m, real in _hadamard_blocks(x.numel(), group):
+        xb = x[start: start + rows * real].view(rows, real)
+        if real < m:  # the partial last group: zero-pad to m
+            xb = torch.cat([xb, xb.new_zeros(rows, m - real)], 1)
+        out.append(_fwht(xb * (signs[:m] / (2 * m))).reshape(-1))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def hadamard_unrotate(y: torch.Tensor, n: int, group: int, seed: int) -> torch.Tensor:
+    """Inverse of :func:`hadamard_rotate` (``y`` is overwritten): ``n`` float32 values."""
+    signs = hadamard_signs(seed, group, str(y.device))
+    out = []
+    for start, rows, m, real in _hadamard_blocks(n, group):
+        pos = start if real == m else y.numel() - m  # rotated offset (the tail follows the full groups)
+        lim = torch.finfo(torch.float32).max / (2 * m)
+        z = _fwht(y[pos: pos + rows * m].view(rows, m).mul_(1.0 / m)).clamp_(-lim, lim).mul_(2 * m * signs[:m])
+        out.append(z[:, :real].reshape(-1))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
 # -- bucketed sign + level codecs (QSGD, natural dithering) ----------------------------------
 # Payload: [codes: ceil(n*(w+1)/8) bytes][norms: G fp32], w = bit_length(s) level bits.
 # code = level | (negative << w); level j in 0..s. A value decodes as
 #   x' = (-1)^negative * (norm_g * table[j])
 # with table[j] = float32(j / s) ("uniform", QSGD) or 0 for j = 0 and 2**(j - s) for j >= 1
-# ("pow2", natural dithering). The bucket norm is the L2 norm (computed as
-# amax * ||x / amax||_2 so that it does not overflow for large finite values) or the max
-# norm. y = |x| / norm in [0, 1] is rounded stochastically to one of its two neighbouring
-# levels with P(up) = (y - lower) / (upper - lower), so E[x'] = x.
+# ("pow2", natural dithering). The bucket norm is the L2 norm, computed as amax * r with
+# r = ||x / amax||_2 so that the sum of squares cannot overflow, or the max norm (r = 1).
+# An L2 norm beyond the fp32 range (possible for finite buckets within a factor
+# sqrt(bucket) of the fp32 maximum) cannot be stored: r is capped at NORM_CAP / amax
+# (NORM_CAP = the largest fp32 below the maximum, so amax * r <= the fp32 maximum; proof:
+# fl(NORM_CAP / amax) errs by at most 2^-24 relative, and NORM_CAP * (1 + 2^-24) is below
+# the fp32 maximum). Any norm >= max|x| keeps y in [0, 1], so the codec stays unbiased (its
+# variance only shrinks); inputs of normal size are unaffected bit for bit.
+# y = |x| / norm in [0, 1] is rounded stochastically to one of its two neighbouring levels
+# with P(up) = (y - lower) / (upper - lower), so E[x'] = x.
+NORM_CAP = 3.4028232635611926e38  # fp32 0x7f7ffffe: one ulp below torch.finfo(float32).max
+
+
 def level_bits(levels: int) -> int:
     return int(levels).bit_length() + 1
 
@@ -243,6 +384,9 @@ def level_encode(x: torch.Tensor, levels: int, bucket: int, norm: str, spacing: 
     y = a / torch.where(ok, amax, 1.0)
     if norm == "2":
         r = torch.linalg.vector_norm(y, dim=1, keepdim=True)  # in [1, sqrt(bucket)] where ok
+        # Tensor / tensor (IEEE division on every device, as in the CUDA kernel); amax = 0
+        # gives inf, which leaves r alone.
+        r = torch.minimum(r, torch.full_like(amax, NORM_CAP) / amax)
         y = y / torch.where(ok, r, 1.0)
         nrm = amax * r
     else:
