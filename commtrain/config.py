@@ -24,6 +24,7 @@ from .data.tokenizer import checkpoint_vocab_size
 from .models import ModelConfig
 from .parallel.compression import CompressionConfig
 from .parallel.mesh import ParallelConfig
+from .parallel.sync import SyncConfig
 from .parallel.sync.zero import ZeroConfig
 from .validate import ConfigError, choice, integer, non_negative, positive
 
@@ -67,13 +68,14 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     out_dir: str = "runs/default"
     resume: bool = True  # continue from the newest good checkpoint in out_dir, if any
     backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo), gloo, nccl
     timeout_s: float = 300.0  # a dead peer raises after this long instead of hanging
 
-    SECTIONS = ("model", "data", "train", "parallel", "compression", "zero", "link")
+    SECTIONS = ("model", "data", "train", "parallel", "compression", "zero", "sync", "link")
 
     def validate(self, world_size: int | None = None) -> "Config":
         """Check every section, then what spans sections. Reads only: nothing is filled in or
@@ -101,6 +103,18 @@ class Config:
         if p.pp > 1 and self.zero.stage:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: ZeRO is supported with pp=1 only")
         self.zero.check_compression(self.compression)
+        if self.sync.strategy == "diloco":
+            if self.zero.stage:
+                raise ConfigError(
+                    f"sync.strategy=diloco with zero.stage={self.zero.stage} is invalid: DiLoCo replicas run their inner "
+                    f"optimizer independently on their own data for sync.inner_steps steps, so its state cannot be "
+                    f"sharded across them; use zero.stage=0"
+                )
+            if self.compression.grad != "none":
+                raise ConfigError(
+                    f"compression.grad={self.compression.grad!r} with sync.strategy=diloco: inner steps send no "
+                    f"gradients; compress the pseudo-gradient with sync.codec instead (allowed here: none)"
+                )
         if world_size is not None:
             p.degrees(world_size)
         if p.pp > 1 and self.train.batch_size % p.microbatches:

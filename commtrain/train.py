@@ -82,8 +82,9 @@ class Trainer:
         optim_factory = lambda params: torch.optim.AdamW(  # noqa: E731
             params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95)
         )
-        strategy = "zero" if cfg.zero.stage else "data_parallel"
-        extra = dict(stage=cfg.zero.stage, buckets_in_flight=cfg.zero.buckets_in_flight) if cfg.zero.stage else {}
+        strategy = cfg.sync.strategy_name(cfg.zero.stage)
+        extra = {"zero": dict(stage=cfg.zero.stage, buckets_in_flight=cfg.zero.buckets_in_flight),
+                 "diloco": dict(config=cfg.sync)}.get(strategy, {})
         self.sync = build_sync(strategy, named, optim_factory, self.comms[0], compression=cc,
                                bucket_mb=pc.bucket_mb, overlap=pc.overlap, **extra)
 

@@ -101,9 +101,10 @@ class Mesh:
         self.pp_group = pp_groups[self.dp_rank]
 
     def _group(self, ranks: list[int], kw):
-        # The world group already exists; a duplicate would only cost another rendezvous.
-        if len(ranks) == self.world_size:
-            return dist.group.WORLD
+        # A group of its own even when it spans the world: the Communicator runs collectives on
+        # it from a worker thread (e.g. an overlapped outer sync that outlives the step), and
+        # the main thread's own collectives on WORLD (loss mean, eval, checkpoint agreement)
+        # must never interleave with them on one group.
         return dist.new_group(ranks=ranks, **kw)
 
     @property

@@ -17,14 +17,22 @@ all compress through :class:`~commtrain.parallel.compression.GradCompression`.
   replica (:mod:`.data_parallel`).
 * ``zero``: ZeRO stages 1 and 2, optimizer state (and at stage 2 gradients) sharded, gradient
   buckets reduce-scattered during backward (:mod:`.zero`).
+* ``diloco``: the communication-avoiding outer loop -- H local inner steps per replica, then a
+  compressed, possibly fragmented and overlapped sync of pseudo-gradients (:mod:`.diloco`).
+
+:class:`SyncConfig` is the ``sync`` config section: ``strategy`` ``step`` (a gradient
+reduction every step: ``data_parallel``, or ``zero`` when ``zero.stage`` > 0) or ``diloco``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from ...compress import build_codec
 from ...registry import Registry
+from ...validate import ConfigError, choice, integer, positive
 
 SYNCS: Registry[Callable[..., "GradSync"]] = Registry("gradient sync")
 
@@ -52,6 +60,55 @@ class GradSync(Protocol):
 
 
 OptimizerFactory = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+STRATEGIES = ("step", "diloco")
+OUTER_OPTIMIZERS = ("nesterov", "sgd")
+
+
+@dataclass
+class SyncConfig:
+    """The ``sync`` section: how data-parallel replicas stay in sync."""
+
+    strategy: str = "step"  # step: reduce gradients every step; diloco: the outer loop
+    inner_steps: int = 32  # diloco: H, inner optimizer steps between syncs of a fragment
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_optimizer: str = "nesterov"  # nesterov (momentum outer_momentum) | sgd (plain; lr 1 = averaging)
+    codec: str = "none"  # codec for the pseudo-gradient (any registry spec)
+    error_feedback: bool = True
+    fragments: int = 1  # Streaming DiLoCo: F fragments, one synced every H/F steps
+    overlap: bool = True  # the sync runs while the next inner steps compute
+    overlap_steps: int = 1  # tau: the update is applied after this many further inner steps
+
+    def validate(self) -> None:
+        choice("sync.strategy", self.strategy, STRATEGIES)
+        integer(self, "sync", "inner_steps", 1)
+        integer(self, "sync", "fragments", 1)
+        integer(self, "sync", "overlap_steps", 1)
+        positive(self, "sync", "outer_lr")
+        if not (isinstance(self.outer_momentum, (int, float)) and not isinstance(self.outer_momentum, bool)
+                and 0 <= self.outer_momentum < 1):
+            raise ConfigError(f"sync.outer_momentum={self.outer_momentum!r} is invalid; allowed: 0 <= momentum < 1")
+        choice("sync.outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
+        for key in ("error_feedback", "overlap"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"sync.{key}={getattr(self, key)!r} is invalid; allowed: true, false")
+        try:
+            build_codec(self.codec)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"sync.codec={self.codec!r}: {e}") from None
+        if self.fragments > self.inner_steps:
+            raise ConfigError(f"sync.fragments={self.fragments} is invalid with sync.inner_steps={self.inner_steps}: "
+                              f"one fragment syncs every H/F steps; allowed: fragments <= inner_steps")
+        if self.overlap and self.overlap_steps > self.inner_steps // self.fragments:
+            raise ConfigError(f"sync.overlap_steps={self.overlap_steps} is invalid: a fragment's update must land "
+                              f"before the next fragment's sync starts; allowed: <= inner_steps / fragments = "
+                              f"{self.inner_steps // self.fragments}")
+
+    def strategy_name(self, zero_stage: int) -> str:
+        """The registered GradSync this section (and ``zero.stage``) selects."""
+        if self.strategy == "diloco":
+            return "diloco"
+        return "zero" if zero_stage else "data_parallel"
 
 
 def build_sync(name: str, named_params, optimizer_factory: OptimizerFactory, comm, **kwargs) -> GradSync:
@@ -75,8 +132,10 @@ def clip_(grads: Iterable[torch.Tensor], norm: torch.Tensor, max_norm: float) ->
             g.mul_(scale)
 
 
-from . import data_parallel, zero  # noqa: E402,F401  (register the strategies)
+from . import data_parallel, diloco, zero  # noqa: E402,F401  (register the strategies)
 from .data_parallel import DataParallel, GradReducer  # noqa: E402
+from .diloco import DiLoCo  # noqa: E402
 from .zero import ZeroConfig, ZeroSync  # noqa: E402
 
-__all__ = ["DataParallel", "GradReducer", "GradSync", "SYNCS", "ZeroConfig", "ZeroSync", "build_sync"]
+__all__ = ["DataParallel", "DiLoCo", "GradReducer", "GradSync", "SYNCS", "SyncConfig", "ZeroConfig", "ZeroSync",
+           "build_sync"]
