@@ -6,7 +6,7 @@ per node, their dense peak TFLOP/s per precision, memory, the per-GPU intra-node
 profile from ``configs/hardware/links/<name>.yaml`` times a port count) and a price per
 hour with its basis. Every figure carries its ``sources`` so that a reader can check it.
 
-Units are those of :mod:`commtrain.comm.link` (``"13GB/s"``, ``"200gbit"``, ``"5us"``), so
+Units are those of :mod:`commtrain.units` (``"13GB/s"``, ``"200gbit"``, ``"5us"``), so
 a profile reads like the simulated-link profiles in ``configs/links/``.
 
 >>> hw = load_hardware("rtx3090-pcie"); hw.peak_flops("bf16")
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .comm.link import parse_bandwidth, parse_latency
+from .units import parse_bandwidth, parse_latency
 
 HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 INTERCONNECT_DIR = HARDWARE_DIR / "links"
