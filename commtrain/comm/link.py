@@ -17,14 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from .. import resources
 from ..units import parse_bandwidth, parse_latency
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "links"
+# Named link profiles ship with the package (``link.profile=1gbit``): commtrain/comm/link_profiles/.
+PROFILE_DIR = resources.directory(__package__, "link_profiles")
 
 
 @dataclass
@@ -97,25 +98,20 @@ class LinkModel:
 
 
 def available_link_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return resources.names(PROFILE_DIR)
 
 
 def load_link_profile(name: str) -> LinkModel:
-    """A named profile from ``configs/links/<name>.yaml`` (or a path to such a file)."""
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"link profile {name!r} not found; available: {', '.join(available_link_profiles())} "
-            f"(or a path to a YAML file)"
-        )
+    """A packaged profile by name (``commtrain/comm/link_profiles/<name>.yaml``: ``100mbit``,
+    ``1gbit``, ...) or a path to such a file."""
+    path = resources.find(name, PROFILE_DIR, "link profile")
     data = yaml.safe_load(path.read_text()) or {}
-    if "bandwidth" not in data:
+    if not isinstance(data, dict) or "bandwidth" not in data:
         raise ValueError(f"link profile {path}: missing 'bandwidth' (e.g. bandwidth: 1gbit)")
     bw = data["bandwidth"]
     bandwidth = None if bw is None or str(bw).lower() in ("none", "inf") else parse_bandwidth(bw)
-    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", path.stem)))
+    stem = path.name.rsplit(".", 1)[0]
+    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", stem)))
 
 
 def resolve_link(link: "LinkModel | str | None") -> LinkModel:
@@ -124,9 +120,8 @@ def resolve_link(link: "LinkModel | str | None") -> LinkModel:
         return LinkModel(name="unthrottled")
     if isinstance(link, LinkModel):
         return link
-    if isinstance(link, str) and (PROFILE_DIR / f"{link}.yaml").is_file():
-        return load_link_profile(link)
-    if isinstance(link, str) and link.endswith((".yaml", ".yml")):
+    # Not looks_like_path: a spec such as "25GB/s,50us" has a slash but is no file.
+    if isinstance(link, str) and (resources.is_packaged(link, PROFILE_DIR) or link.endswith(resources.SUFFIXES)):
         return load_link_profile(link)
     try:
         return LinkModel.parse(link)
