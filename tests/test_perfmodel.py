@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from commtrain.compress import build_codec
-from commtrain.hardware import available_hardware, available_interconnects, load_hardware, load_interconnect
+from commtrain.perfmodel.hardware import available_hardware, available_interconnects, load_hardware, load_interconnect
 from commtrain.models import ModelConfig, build_model
 from commtrain.parallel.buckets import build_buckets
 from commtrain.perfmodel import (
@@ -162,7 +162,7 @@ def test_hardware_profiles_load_with_sources():
     (lambda t: t.replace("  memory_gb: [NVIDIA GeForce RTX 3090 product page (24 GB GDDR6X)]\n", ""), "sources.memory_gb"),
 ])
 def test_invalid_profile_names_file_and_field(tmp_path, edit, match):
-    from commtrain.hardware import HARDWARE_DIR
+    from commtrain.perfmodel.hardware import HARDWARE_DIR
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(edit((HARDWARE_DIR / "rtx3090-pcie.yaml").read_text()))
