@@ -1,7 +1,7 @@
 """Run the commtrain trainer on a Ray cluster: one Ray actor per rank.
 
-    python launch/ray_launcher.py --num-workers 2 --config configs/tiny.yaml --set train.steps=4
-    python launch/ray_launcher.py --address auto --num-workers 16 --gpus-per-worker 1 --config configs/X.yaml
+    python launch/ray_launcher.py --num-workers 2 --config tiny --set train.steps=4
+    python launch/ray_launcher.py --address auto --num-workers 16 --gpus-per-worker 1 --config my_run.yaml
 
 Why actors and not Ray Train's ``TorchTrainer``: the trainer already initialises
 torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -14,8 +14,9 @@ storage path (by default in the home directory).
 Rendezvous: rank 0's actor reports its node IP and a free TCP port; every actor gets
 ``MASTER_ADDR``/``MASTER_PORT`` from it. ``LOCAL_RANK`` is the actor's index among the actors
 on its node; with ``--gpus-per-worker 1`` Ray restricts ``CUDA_VISIBLE_DEVICES`` to the
-actor's GPU, so ``LOCAL_RANK`` is 0 (the only visible device). The config file is read on the
-driver and shipped as text, so workers on other nodes do not need it on disk; relative
+actor's GPU, so ``LOCAL_RANK`` is 0 (the only visible device). The config file (a path, or
+the name of a packaged example config such as ``tiny``) is read on the driver and shipped as
+text, so workers on other nodes do not need it on disk; relative
 ``out_dir`` paths resolve against the driver's working directory when it exists on the
 worker (a shared filesystem), else against the worker's own.
 
@@ -90,12 +91,13 @@ def launch(num_workers: int, config: str | None, overrides: list[str], address: 
 
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers={num_workers!r} is invalid; allowed: an integer >= 1")
-    config_text = None
+    config_text, name = None, "config.yaml"
     if config is not None:
-        if not os.path.isfile(config):
-            raise ValueError(f"config={config!r} is invalid; allowed: an existing YAML file")
-        with open(config) as f:
-            config_text = f.read()
+        from commtrain import resources
+
+        # A file, or the name of a packaged example config (as ``commtrain train --config``).
+        found = resources.find(config, resources.directory("commtrain", "configs"), "config")
+        config_text, name = found.read_text(), found.name
     init = dict(include_dashboard=False, log_to_driver=True)
     if address == "local":
         # A private single-machine cluster; its sockets and logs under temp_dir (keep it short:
@@ -123,7 +125,6 @@ def launch(num_workers: int, config: str | None, overrides: list[str], address: 
                          "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         for env, (ip, _) in zip(envs, where):
             env["LOCAL_WORLD_SIZE"] = str(by_node[ip])
-        name = os.path.basename(config) if config else "config.yaml"
         refs = [a.run.remote(env, config_text, name, list(overrides), os.getcwd()) for a, env in zip(actors, envs)]
         return _wait_all(ray, refs, actors, timeout_s)
     finally:
@@ -159,7 +160,8 @@ def _wait_all(ray, refs, actors, timeout_s: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run `commtrain train` on a Ray cluster, one actor per rank.")
     ap.add_argument("--num-workers", type=int, required=True, help="ranks (= world size)")
-    ap.add_argument("--config", help="YAML config, read here and shipped to the workers")
+    ap.add_argument("--config", help="YAML config (a path, or a packaged name: tiny, pipeline, demo), read here "
+                                     "and shipped to the workers")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--address", default="local",
                     help="'local' (start a private single-machine Ray), 'auto' (join the running cluster) or ray://host:port")

@@ -68,7 +68,7 @@ def test_ray_launcher_matches_torchrun(tmp_path):
     torch_out = tmp_path / "torchrun"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "commtrain", "train", "--config", "configs/tiny.yaml", *sets,
+         f"--master_port={_free_port()}", "-m", "commtrain", "train", "--config", "tiny", *sets,
          "--set", f"out_dir={torch_out}"],
         cwd=ROOT, env=_env(home), check=True, timeout=120, capture_output=True,
     )
@@ -77,7 +77,7 @@ def test_ray_launcher_matches_torchrun(tmp_path):
     ray_out = tmp_path / "ray"
     try:
         proc = subprocess.run(
-            [sys.executable, "launch/ray_launcher.py", "--num-workers", "2", "--config", "configs/tiny.yaml", *sets,
+            [sys.executable, "launch/ray_launcher.py", "--num-workers", "2", "--config", "tiny", *sets,
              "--set", f"out_dir={ray_out}", "--temp-dir", ray_tmp, "--timeout", "120"],
             cwd=ROOT, env=_env(home), timeout=150, capture_output=True, text=True,
         )
