@@ -96,7 +96,12 @@ def launch(num_workers: int, config: str | None, overrides: list[str], address: 
         from commtrain import resources
 
         # A file, or the name of a packaged example config (as ``commtrain train --config``).
-        found = resources.find(config, resources.directory("commtrain", "configs"), "config")
+        packaged = resources.directory("commtrain", "configs")
+        try:
+            found = resources.find(config, packaged, "config")
+        except ValueError:
+            raise ValueError(f"config={config!r} is invalid; allowed: an existing YAML file or a packaged config "
+                             f"name ({', '.join(resources.names(packaged))})") from None
         config_text, name = found.read_text(), found.name
     init = dict(include_dashboard=False, log_to_driver=True)
     if address == "local":
