@@ -170,7 +170,7 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=4, help="leading steps excluded (warm-up, uncompressed steps)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every row (steps are pooled)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default="demo", help="a YAML path or a packaged config name (default: demo)")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "out" / "dp_codecs_runs"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "dp_codecs.json"))

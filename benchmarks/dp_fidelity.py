@@ -109,7 +109,7 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=32)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default="demo", help="a YAML path or a packaged config name (default: demo)")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "out" / "dp_fidelity_runs"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "dp_fidelity.json"))

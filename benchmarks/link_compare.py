@@ -4,7 +4,7 @@
     sudo python benchmarks/link_compare.py --rates 100mbit --codecs none
 
 For each rate: (1) ``launch/netns.py --measure``: achieved TCP bandwidth of one stream over
-the shaped veth; (2) the trainer (configs/demo.yaml: gpt-micro, 2 ranks, batch 8 x 64) under
+the shaped veth; (2) the trainer (the packaged demo config: gpt-micro, 2 ranks, batch 8 x 64) under
 torchrun on loopback with the *simulated* link profile; (3) the same trainer in two network
 namespaces joined by the *real* ``tc tbf`` link, no simulated throttle (``link.profile=null``),
 ranks rendezvousing over the namespace addresses. Reports median step times, the bytes the
@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.demo import free_port  # noqa: E402
 from commtrain.metrics import read_metrics  # noqa: E402
 
 NETNS = ROOT / "launch" / "netns.py"
-CONFIG = ROOT / "configs" / "demo.yaml"
+CONFIG = CONFIG_DIR / "demo.yaml"  # the packaged example config
 OUT = ROOT / "benchmarks" / "out" / "link_compare.json"
 PREFIX = "ctb"
 

@@ -5,7 +5,7 @@
     python benchmarks/perfmodel_validation.py --links 1gbit
     python benchmarks/perfmodel_validation.py --report                   # table -> benchmarks/results/perfmodel.md
 
-Every run is the built-in trainer (``configs/demo.yaml``: gpt-micro, 2 data-parallel ranks
+Every run is the built-in trainer (the packaged ``demo`` config: gpt-micro, 2 data-parallel ranks
 under torchrun on loopback, batch 8 x 64 tokens per rank) on a simulated link, with one
 gradient codec. Its measured median step time is compared with
 :func:`commtrain.perfmodel.predict_step` fed only numbers measured once on this machine
@@ -39,11 +39,12 @@ import torch  # noqa: E402
 
 from commtrain.comm import resolve_link  # noqa: E402
 from commtrain.compress import build_codec  # noqa: E402
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.demo import free_port  # noqa: E402
 from commtrain.metrics import read_metrics  # noqa: E402
 from commtrain.perfmodel import CodecSpeed, measure_codec_speed, predict_step  # noqa: E402
 
-CONFIG = ROOT / "configs" / "demo.yaml"
+CONFIG = CONFIG_DIR / "demo.yaml"  # the packaged example config
 OUT = ROOT / "benchmarks" / "out" / "perfmodel_validation.json"
 RESULTS = ROOT / "benchmarks" / "results"
 CODECS = ["none", "fp16", "quant:bits=4,group=128", "topk:ratio=0.01"]

@@ -1,7 +1,7 @@
 """Pipeline fidelity: loss curves of a pp=2 run with uncompressed, direct 2-bit, AC-SGD 2-bit
 and AC-SGD 4-bit stage boundaries (same seed, same data order, unthrottled link).
 
-Each setting is one ``commtrain train`` run of configs/pipeline.yaml with a larger corpus
+Each setting is one ``commtrain train`` run of the packaged pipeline config with a larger corpus
 than the speed benchmark (so the run is a few epochs, not dozens: AC-SGD compresses from
 the second epoch on, and the held-out loss is not dominated by overfitting), periodic
 held-out eval, then a final eval on the held-out split. Results merge into one JSON keyed
@@ -20,10 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.demo import torchrun  # noqa: E402
 from commtrain.metrics import read_metrics  # noqa: E402
 
-CONFIG = ROOT / "configs" / "pipeline.yaml"
+CONFIG = CONFIG_DIR / "pipeline.yaml"  # the packaged example config
 OUT = ROOT / "benchmarks" / "out"
 PLOTS = ROOT / "benchmarks" / "plots"
 

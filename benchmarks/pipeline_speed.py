@@ -12,7 +12,7 @@ over channels) on the busiest rank (median over measured steps per rank, then ma
 ranks). Achieved = T_none / T_codec, both measured at the link in the same invocation.
 
 AC-SGD sends a sample's first visit uncompressed (it fills the buffer row), so the
-corpus is small (configs/pipeline.yaml: 256 windows, 8 steps per epoch at pp=2) and only
+corpus is small (the packaged pipeline config: 256 windows, 8 steps per epoch at pp=2) and only
 steps after the first epoch are timed.
 
     flock /tmp/commtrain-cpu.lock python benchmarks/pipeline_speed.py --link 100mbit
@@ -30,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.demo import torchrun  # noqa: E402
 from commtrain.metrics import read_metrics  # noqa: E402
 
-CONFIG = ROOT / "configs" / "pipeline.yaml"
+CONFIG = CONFIG_DIR / "pipeline.yaml"  # the packaged example config
 OUT = ROOT / "benchmarks" / "out"
 
 # name -> (ranks, dp, overrides). act_grad of "direct 4-bit" is 8-bit, as in AC-SGD 4/8,
@@ -159,7 +160,7 @@ def pipeline_ideal(rows: dict, n: str, base: str, bw_bps: float, latency_s: floa
 
 
 def format_table(link: str, table: dict, latency: str, n_micro: int = 4) -> str:
-    from commtrain.comm.link import parse_bandwidth, parse_latency
+    from commtrain.units import parse_bandwidth, parse_latency
 
     head = (f"| {'setting (link ' + link + ')':<44} | step s | busiest MB/step | M s | speedup | ideal | achieved/ideal "
             f"| pipeline ideal | achieved/pipeline ideal |\n"

@@ -1,6 +1,7 @@
 """``commtrain`` command line: train, demo, compare, schedule, ray, export, generate, plot.
 
-``torchrun --nproc_per_node=N -m commtrain train --config configs/X.yaml --set a.b=c``
+``torchrun --nproc_per_node=N -m commtrain train --config my_run.yaml --set a.b=c`` (or ``--config tiny``:
+a packaged example config, ``commtrain/configs/<name>.yaml``)
 """
 from __future__ import annotations
 
@@ -82,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("train", help="train / fine-tune (launch with torchrun for several ranks)")
-    p.add_argument("--config", help="YAML config (sections: model, data, train, parallel, compression, zero, link)")
+    p.add_argument("--config", help="YAML config (sections: model, data, train, parallel, compression, zero, link): "
+                                     "a path, or a packaged example: tiny, pipeline, demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=20")
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("demo", help="2-rank fine-tuning on a simulated slow link: fp32 vs 4-bit + error feedback")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--link", default="100mbit", help="link profile (configs/links/)")
+    p.add_argument("--link", default="100mbit", help="link profile: a packaged name (100mbit, 1gbit, ...) or a YAML path")
     p.add_argument("--codec", default="quant:bits=4,group=128", help="gradient codec to compare with fp32")
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")

@@ -13,11 +13,11 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from . import resources
 from .comm.link import LinkConfig
 from .data import DataConfig, resolve_tokenizer
 from .data.tokenizer import checkpoint_vocab_size
@@ -29,6 +29,9 @@ from .parallel.sync.zero import ZeroConfig
 from .validate import ConfigError, choice, integer, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "from_dict"]
+
+# Example configs ship with the package: ``--config tiny`` (or demo, pipeline) from any directory.
+CONFIG_DIR = resources.directory(__package__, "configs")
 
 
 @dataclass
@@ -148,12 +151,16 @@ class Config:
 
 # -- loading ------------------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides."""
+    """Read a YAML file (sections as in :class:`Config`) and apply ``key.sub=value`` overrides.
+
+    ``path``: a YAML file, or the name of a packaged example config (``tiny``, ``pipeline``,
+    ``demo``: ``commtrain/configs/<name>.yaml``) when no file of that name exists."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            path = resources.find(path, CONFIG_DIR, "config")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

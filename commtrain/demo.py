@@ -10,11 +10,14 @@ import socket
 import statistics
 import subprocess
 import sys
+from importlib.resources import as_file
 from pathlib import Path
 
+from . import resources
 from .metrics import read_metrics
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# The packaged example config (commtrain/configs/demo.yaml), handed to the ranks as a file path.
+CONFIG = resources.directory(__package__, "configs", "demo.yaml")
 
 
 def free_port() -> int:
@@ -70,7 +73,8 @@ def run_demo(args) -> int:
             f"train.steps={args.steps}", f"link.profile={args.link}", f"out_dir={run_dir}", "resume=false",
             *sets, *args.set,
         ]
-        torchrun(args.nproc, ["train", "--config", str(CONFIG), *[a for o in overrides for a in ("--set", o)]])
+        with as_file(CONFIG) as config:  # a real file even if the package is zipped
+            torchrun(args.nproc, ["train", "--config", str(config), *[a for o in overrides for a in ("--set", o)]])
         results[name] = summarize(run_dir)
     print(f"\ncommtrain demo: {args.nproc} ranks on a simulated {args.link} link\n")
     print(format_table(results))

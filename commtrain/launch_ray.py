@@ -1,7 +1,7 @@
 """``commtrain ray``: run the trainer on a Ray cluster, one Ray actor per rank.
 
-    commtrain ray --num-workers 2 --config configs/tiny.yaml --set train.steps=4
-    commtrain ray --address auto --num-workers 16 --gpus-per-worker 1 --config configs/X.yaml
+    commtrain ray --num-workers 2 --config tiny --set train.steps=4
+    commtrain ray --address auto --num-workers 16 --gpus-per-worker 1 --config my_run.yaml
 
 Why actors and not Ray Train's ``TorchTrainer``: the trainer already initialises
 torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -223,10 +223,16 @@ def launch(num_workers: int, config: str | None, overrides: list[str], address: 
         raise ValueError(f"--num-workers={num_workers!r} is invalid; allowed: an integer >= 1")
     config_text = None
     if config is not None:
-        if not os.path.isfile(config):
-            raise ValueError(f"config={config!r} is invalid; allowed: an existing YAML file")
-        with open(config) as f:
-            config_text = f.read()
+        from . import resources
+
+        # A file, or the name of a packaged example config (as ``commtrain train --config``);
+        # read on the driver and shipped as text, so workers need no copy of it.
+        packaged = resources.directory("commtrain", "configs")
+        try:
+            config_text = resources.find(config, packaged, "config").read_text()
+        except ValueError:
+            raise ValueError(f"config={config!r} is invalid; allowed: an existing YAML file or a packaged config "
+                             f"name ({', '.join(resources.names(packaged))})") from None
     cfg = _check_config(config, overrides, num_workers, address)
     if address == "local":
         # Ray resolves a 127.0.0.1 node address to the machine's routable IP unless it runs

@@ -16,7 +16,7 @@ from commtrain.export import ExportError, load_gpt_dir, read_run_config
 from commtrain.metrics import read_metrics, tensorboard_available
 from commtrain.models import GPT, build_model, preset_config
 from commtrain.models.gpt import lm_loss
-from test_train import run  # torchrun on loopback, configs/tiny.yaml (6 steps)
+from test_train import run  # torchrun on loopback, the packaged tiny config (6 steps)
 
 pytestmark = pytest.mark.slow
 

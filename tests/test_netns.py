@@ -91,7 +91,7 @@ def test_training_across_namespaces_completes_over_the_shaped_link_and_cleans_up
     real 100 Mbit/s tbf veth. Rendezvous and gloo use the namespace addresses, so every
     gradient byte crosses eth0 (its kernel tx counter must cover the metered bytes)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "commtrain", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    cmd = [sys.executable, "-m", "commtrain", "train", "--config", "tiny",
            *[a for s in (f"out_dir={out}", "resume=false", "train.steps=3", "train.eval_every=0", "train.eval_batches=1",
                          "train.progress=false", "timeout_s=30") for a in ("--set", s)]]
     r = _run("--nproc", "2", "--rate", "100mbit", "--timeout", "45", "--master-port", "29531", "--", *cmd, timeout=60)

@@ -1,4 +1,5 @@
-"""Throughput model and hardware profiles: pure, fast (no processes)."""
+"""Throughput model and hardware profiles: pure and fast, except one 2-rank gloo run that checks
+the predicted wire bytes against the price list and the byte meter of the real syncs."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from commtrain.compress import build_codec
-from commtrain.hardware import available_hardware, available_interconnects, load_hardware, load_interconnect
+from commtrain.perfmodel.hardware import available_hardware, available_interconnects, load_hardware, load_interconnect
 from commtrain.models import ModelConfig, build_model
 from commtrain.parallel.buckets import build_buckets
 from commtrain.perfmodel import (
@@ -162,7 +163,7 @@ def test_hardware_profiles_load_with_sources():
     (lambda t: t.replace("  memory_gb: [NVIDIA GeForce RTX 3090 product page (24 GB GDDR6X)]\n", ""), "sources.memory_gb"),
 ])
 def test_invalid_profile_names_file_and_field(tmp_path, edit, match):
-    from commtrain.hardware import HARDWARE_DIR
+    from commtrain.perfmodel.hardware import HARDWARE_DIR
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(edit((HARDWARE_DIR / "rtx3090-pcie.yaml").read_text()))
@@ -300,3 +301,127 @@ def test_measure_codec_speed_orders_codecs():
     none = measure_codec_speed("none", numel=1 << 16, repeats=2)
     quant = measure_codec_speed("quant:bits=4", numel=1 << 16, repeats=2)
     assert none.encode_gbps > quant.encode_gbps > 0  # a view vs quantize + error feedback
+
+
+# -- predicted bytes = the price list = what a real 2-rank run meters -----------------------------
+from commtrain.comm import price  # noqa: E402
+from tests.dist_utils import run_ranks  # noqa: E402
+
+BYTES_BUCKET_MB = 0.1  # gpt-nano in 5 buckets (4 compressible, 1 of small/1-D tensors)
+BYTES_STEP = 10  # a steady-state step: past PowerSGD's default start_iter (exact all-reduce before it)
+# (name, zero stage, grad codec, param codec)
+BYTES_CASES = [
+    ("dp-none", 0, "none", None),
+    ("dp-quant4", 0, "quant:bits=4", None),
+    ("dp-powersgd", 0, "powersgd:rank=2", None),
+    ("zero2-quant4", 2, "quant:bits=4", "quant:bits=8,group=256,rounding=nearest,scheme=absmax"),
+    ("zero2-none", 2, "none", None),
+]
+
+
+def _price_list_bytes(stage, grad_spec, param_spec, p, rank):
+    """Per channel, what ``rank`` sends in one step, from commtrain.comm.price alone: the sync's
+    operations over the trainer's buckets of gpt-nano."""
+    model = build_model(ModelConfig(preset="gpt-nano"))
+    codec, none = build_codec(grad_spec), build_codec("none")
+    pc = build_codec(param_spec) if param_spec else none
+    buckets = build_buckets(model.named_parameters(), BYTES_BUCKET_MB, 4096, pad_to=p if stage else 1)
+    ops = {"grad": [], "param": []}
+    for b in buckets:
+        wire = codec if b.compress and not codec.lossless else none
+        if getattr(wire, "needs_own_collective", False):  # PowerSGD: fp32 P (+ raw tensors), then Q
+            pq = [0, 0]
+            for t in b.params:
+                n, m = t.shape[0], t.numel() // t.shape[0]
+                r = min(wire.rank, n, m)
+                pq = [pq[0] + n * r, pq[1] + m * r] if wire.compresses(n, m) else [pq[0] + t.numel(), pq[1]]
+            ops["grad"] += [op for k in pq if k for op in price.all_reduce(none, k, torch.float32, p)]
+        elif stage == 2:
+            ops["grad"] += price.reduce_scatter(wire, b.numel, torch.float32, p)
+        else:
+            ops["grad"] += price.all_reduce(wire, b.numel, torch.float32, p)
+        if stage:
+            ops["param"] += price.all_gather_flat(pc if b.compress else none, [b.numel // p] * p, torch.float32)
+    if stage == 2:  # the global gradient norm over disjoint shards: one fp32 scalar
+        ops["grad"] += price.all_reduce(none, 1, torch.float32, p)
+    return {ch: price.rank_total(o, rank).nbytes for ch, o in ops.items()}
+
+
+def _metered_step_worker(rank, world):
+    """One training step of gpt-nano through the real sync of each case; the meter's bytes."""
+    from commtrain.comm import Communicator
+    from commtrain.parallel.compression import CompressionConfig
+    from commtrain.parallel.sync import build_sync
+
+    comm = Communicator(timeout_s=60)
+    out = {}
+    for name, stage, grad, param in BYTES_CASES:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(preset="gpt-nano"))
+        cc = CompressionConfig(grad=grad, param=param, policy="always")
+        kw = dict(compression=cc, bucket_mb=BYTES_BUCKET_MB)
+        sync = (build_sync("zero", model.named_parameters(), torch.optim.AdamW, comm, stage=stage, **kw) if stage
+                else build_sync("data_parallel", model.named_parameters(), torch.optim.AdamW, comm, **kw))
+        x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(rank))
+        before = dict(comm.meter.bytes)
+        sync.begin_step(BYTES_STEP)
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        sync.step(max_grad_norm=1.0)
+        out[name] = ({ch: comm.meter.bytes[ch] - before[ch] for ch in before},
+                     set(sync.compression.bucket_codecs.values()))
+        sync.close()
+    comm.close()
+    return out
+
+
+@pytest.mark.slow
+def test_predicted_wire_bytes_equal_price_list_and_real_meter():
+    """For none / 4-bit quantization / PowerSGD (plain DP) and ZeRO-2 (reduce-scatter, grad-norm
+    scalar, compressed parameter gather): rank 0's predicted bytes per channel == the price
+    list's == the ByteMeter's in a real 2-rank gloo step; rank 1's metered == its price."""
+    runs = run_ranks(_metered_step_worker, 2, timeout=240)
+    for name, stage, grad, param in BYTES_CASES:
+        pred = predict_step("gpt-nano", global_batch=4, seq_len=32, dp=2, zero_stage=stage,
+                            codecs={"grad": grad, "param": param}, link=SLOW, compute_s_measured=1.0,
+                            bucket_mb=BYTES_BUCKET_MB)
+        for rank, (metered, used) in enumerate(r[name] for r in runs):
+            priced = _price_list_bytes(stage, grad, param, 2, rank)
+            assert metered["grad"] == priced["grad"] > 0, (name, rank)
+            assert metered["param"] == priced["param"], (name, rank)
+            assert metered["act"] == metered["act_grad"] == 0
+            assert build_codec(grad).spec in used, (name, used)  # the codec really ran (no warm-up, no policy)
+        metered0 = runs[0][name][0]
+        assert pred.wire_bytes == metered0, (name, pred.wire_bytes, metered0)
+        assert (pred.wire_bytes["param"] > 0) == bool(stage)
+    grad_bytes = {name: runs[0][name][0]["grad"] for name, *_ in BYTES_CASES}
+    assert grad_bytes["dp-quant4"] < grad_bytes["dp-none"] / 4
+    assert grad_bytes["dp-powersgd"] < grad_bytes["dp-none"] / 4
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "quant:bits=4,group=64", "topk:ratio=0.05"])
+@pytest.mark.parametrize("p,gpn", [(2, 0), (3, 0), (4, 2), (8, 4), (4, 8)])
+def test_network_transfers_are_the_price_lists_plus_topology(spec, p, gpn):
+    """The perf model's per-rank bytes and rounds are price.all_reduce's, for any topology; the
+    topology only adds node_bytes: 0 inside a node, a ring's own volume across nodes."""
+    from commtrain.perfmodel import Group, all_reduce
+
+    codec, numel = build_codec(spec), 10_007  # odd: uneven chunks, rank-dependent sizes
+    g = Group(tuple(range(p)), gpn)
+    ops = all_reduce("grad", g, numel, codec, torch.float32)
+    priced = price.all_reduce(codec, numel, torch.float32, p)
+    assert [[(t.nbytes, t.rounds) for t in op] for op in ops] == [[(c.nbytes, c.rounds) for c in op] for op in priced]
+    spans = gpn and p > gpn
+    for t in (t for op in ops for t in op):
+        assert (t.node_bytes > 0) == bool(spans)
+    if spans and len(ops) == 2:  # ring all-gather: one rank's volume leaves the node
+        assert all(t.node_bytes == t.nbytes for t in ops[1])
+
+
+def test_all_to_all_node_bytes_sum_the_nodes_off_node_chunks():
+    from commtrain.perfmodel import Group, all_to_all
+
+    a, b, c, d = 100, 200, 300, 400  # rank j receives sizes[j] from each peer; ranks {0,1}, {2,3} share nodes
+    ts = all_to_all("grad", Group((0, 1, 2, 3), 2), [a, b, c, d])
+    assert [t.nbytes for t in ts] == [b + c + d, a + c + d, a + b + d, a + b + c]
+    assert [t.rounds for t in ts] == [3] * 4
+    assert [t.node_bytes for t in ts] == [2 * (c + d)] * 2 + [2 * (a + b)] * 2

@@ -104,7 +104,7 @@ def test_ray_launcher_matches_torchrun(tmp_path):
     torch_out = tmp_path / "torchrun"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "commtrain", "train", "--config", "configs/tiny.yaml", *sets,
+         f"--master_port={_free_port()}", "-m", "commtrain", "train", "--config", "tiny", *sets,
          "--set", "train.progress=false", "--set", f"out_dir={torch_out}"],
         cwd=ROOT, env=_env(home), check=True, timeout=120, capture_output=True,
     )
@@ -115,7 +115,7 @@ def test_ray_launcher_matches_torchrun(tmp_path):
     before = leftovers()
     ray_out = tmp_path / "ray"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "commtrain", "ray", "--num-workers", "2", "--config", "configs/tiny.yaml", *sets,
+        [sys.executable, "-m", "commtrain", "ray", "--num-workers", "2", "--config", "tiny", *sets,
          "--set", f"out_dir={ray_out}", "--timeout", "120", "--progress-every", "0"],
         cwd=ROOT, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -165,7 +165,7 @@ def test_ray_launcher_rejects_bad_arguments(tmp_path):
 def test_ray_subcommand_validates_the_config_before_starting_ray(tmp_path):
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "commtrain", "ray", "--num-workers", "2", "--config", "configs/tiny.yaml",
+        [sys.executable, "-m", "commtrain", "ray", "--num-workers", "2", "--config", "tiny",
          "--set", "train.steps=0"],
         cwd=ROOT, env=_env(tmp_path), timeout=60, capture_output=True, text=True,
     )

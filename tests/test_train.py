@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from commtrain.config import CONFIG_DIR
 from commtrain.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = CONFIG_DIR / "tiny.yaml"
 pytestmark = pytest.mark.slow
 
 

@@ -10,66 +10,22 @@ finished::
 Communicators of one rank that are given the *same* LinkModel instance share that
 clock, as the data- and pipeline-parallel groups of one process share one NIC.
 
-Units are decimal, as in ``tc``: ``kbit``/``mbit``/``gbit``/``tbit`` are 10^3/6/9/12
-bits per second; ``KB``/``MB``/``GB``/``TB`` (optionally ``/s``) are 10^3.. bytes per
-second and ``KiB``/``MiB``/``GiB`` binary bytes per second.
+Units (``"100mbit"``, ``"12.5GB/s"``, ``"50us"``) are parsed by :mod:`commtrain.units`.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "links"
+from .. import resources
+from ..units import parse_bandwidth, parse_latency
 
-_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_BIN_PREFIX = {"ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
-_LAT_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
-_NUM = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
-_BW_UNITS_HELP = "bit, kbit, mbit, gbit, tbit (bits/s) or B, KB, MB, GB, TB, KiB, MiB, GiB (bytes/s, '/s' optional)"
-
-
-def parse_bandwidth(text: str | float | int) -> float:
-    """``"100mbit"`` -> 1e8 bits/s; ``"25GB/s"`` -> 2e11 bits/s. Numbers are bits/s."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"bandwidth={text!r} is invalid; allowed: a positive rate")
-        return float(text)
-    m = re.fullmatch(_NUM + r"([A-Za-z]*)(/s)?\s*", str(text))
-    if not m:
-        raise ValueError(f"bandwidth={text!r} is invalid; expected a number with a unit: {_BW_UNITS_HELP}")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit.lower().endswith("bit") and unit.lower()[:-3] in _PREFIX:
-        bps = value * _PREFIX[unit.lower()[:-3]]
-    elif unit.endswith("B") and unit[:-1].lower() in _BIN_PREFIX:
-        bps = 8 * value * _BIN_PREFIX[unit[:-1].lower()]
-    elif unit.endswith("B") and unit[:-1].lower() in _PREFIX:
-        bps = 8 * value * _PREFIX[unit[:-1].lower()]
-    else:
-        # "100mb", "1gbps" are ambiguous (tc reads "mbps" as megaBYTES): refuse them.
-        raise ValueError(f"bandwidth={text!r}: unknown unit {unit!r}; allowed: {_BW_UNITS_HELP}")
-    if bps <= 0:
-        raise ValueError(f"bandwidth={text!r} is invalid; allowed: a positive rate")
-    return bps
-
-
-def parse_latency(text: str | float | int) -> float:
-    """``"50us"`` -> 5e-5 s. Plain numbers are seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(_NUM + r"([a-zµ]*)\s*", str(text))
-        if not m or m.group(2) not in _LAT_UNITS:
-            raise ValueError(f"latency={text!r} is invalid; expected a number with a unit: {', '.join(_LAT_UNITS)}")
-        value = float(m.group(1)) * _LAT_UNITS[m.group(2)]
-    if value < 0:
-        raise ValueError(f"latency={text!r} is invalid; allowed: >= 0")
-    return value
+# Named link profiles ship with the package (``link.profile=1gbit``): commtrain/comm/link_profiles/.
+PROFILE_DIR = resources.directory(__package__, "link_profiles")
 
 
 @dataclass
@@ -142,25 +98,20 @@ class LinkModel:
 
 
 def available_link_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return resources.names(PROFILE_DIR)
 
 
 def load_link_profile(name: str) -> LinkModel:
-    """A named profile from ``configs/links/<name>.yaml`` (or a path to such a file)."""
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROFILE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"link profile {name!r} not found; available: {', '.join(available_link_profiles())} "
-            f"(or a path to a YAML file)"
-        )
+    """A packaged profile by name (``commtrain/comm/link_profiles/<name>.yaml``: ``100mbit``,
+    ``1gbit``, ...) or a path to such a file."""
+    path = resources.find(name, PROFILE_DIR, "link profile")
     data = yaml.safe_load(path.read_text()) or {}
-    if "bandwidth" not in data:
+    if not isinstance(data, dict) or "bandwidth" not in data:
         raise ValueError(f"link profile {path}: missing 'bandwidth' (e.g. bandwidth: 1gbit)")
     bw = data["bandwidth"]
     bandwidth = None if bw is None or str(bw).lower() in ("none", "inf") else parse_bandwidth(bw)
-    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", path.stem)))
+    stem = path.name.rsplit(".", 1)[0]
+    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", stem)))
 
 
 def resolve_link(link: "LinkModel | str | None") -> LinkModel:
@@ -169,9 +120,8 @@ def resolve_link(link: "LinkModel | str | None") -> LinkModel:
         return LinkModel(name="unthrottled")
     if isinstance(link, LinkModel):
         return link
-    if isinstance(link, str) and (PROFILE_DIR / f"{link}.yaml").is_file():
-        return load_link_profile(link)
-    if isinstance(link, str) and link.endswith((".yaml", ".yml")):
+    # Not looks_like_path: a spec such as "25GB/s,50us" has a slash but is no file.
+    if isinstance(link, str) and (resources.is_packaged(link, PROFILE_DIR) or link.endswith(resources.SUFFIXES)):
         return load_link_profile(link)
     try:
         return LinkModel.parse(link)

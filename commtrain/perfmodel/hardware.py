@@ -1,29 +1,32 @@
-"""Hardware and interconnect profiles for the throughput model (``configs/hardware/``).
+"""Hardware and interconnect profiles for the throughput model (package data beside this module).
 
-A *hardware profile* (``configs/hardware/<name>.yaml``) describes one kind of node: GPUs
+A *hardware profile* (``hardware_profiles/<name>.yaml``) describes one kind of node: GPUs
 per node, their dense peak TFLOP/s per precision, memory, the per-GPU intra-node link
 (bandwidth one direction + latency), the node's inter-node NICs (an *interconnect*
-profile from ``configs/hardware/links/<name>.yaml`` times a port count) and a price per
-hour with its basis. Every figure carries its ``sources`` so that a reader can check it.
+profile from ``hardware_profiles/interconnects/<name>.yaml`` times a port count) and a price
+per hour with its basis. Every figure carries its ``sources`` so that a reader can check it.
+Both are read with :mod:`importlib.resources`; a path to a YAML file of one's own works
+wherever a profile name does.
 
-Units are those of :mod:`commtrain.comm.link` (``"13GB/s"``, ``"200gbit"``, ``"5us"``), so
-a profile reads like the simulated-link profiles in ``configs/links/``.
+Units are those of :mod:`commtrain.units` (``"13GB/s"``, ``"200gbit"``, ``"5us"``), so
+a profile reads like the simulated-link profiles in ``commtrain/comm/link_profiles/``.
 
->>> hw = load_hardware("rtx3090-pcie"); hw.peak_flops("bf16")
-7.1e13
+>>> load_hardware("rtx3090-pcie").peak_flops("bf16") == 71e12
+True
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from .comm.link import parse_bandwidth, parse_latency
+from .. import resources
+from ..resources import Resource
+from ..units import parse_bandwidth, parse_latency
 
-HARDWARE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
-INTERCONNECT_DIR = HARDWARE_DIR / "links"
+HARDWARE_DIR = resources.directory(__package__, "hardware_profiles")
+INTERCONNECT_DIR = HARDWARE_DIR.joinpath("interconnects")
 PRECISIONS = ("bf16", "fp16", "fp32")
 CATEGORIES = ("consumer", "server")
 # Figures every hardware profile must cite.
@@ -81,25 +84,18 @@ class HardwareProfile:
 
 # -- loading ------------------------------------------------------------------------------------
 def available_hardware() -> list[str]:
-    return sorted(p.stem for p in HARDWARE_DIR.glob("*.yaml"))
+    return resources.names(HARDWARE_DIR)
 
 
 def available_interconnects() -> list[str]:
-    return sorted(p.stem for p in INTERCONNECT_DIR.glob("*.yaml"))
+    return resources.names(INTERCONNECT_DIR)
 
 
-def _resolve(name: str, directory: Path, kind: str, available) -> Path:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind}={name!r} is invalid; allowed: {', '.join(available())} or a path to a YAML file")
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        path = directory / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"{kind} {name!r} not found; available: {', '.join(available())} (or a path to a YAML file)")
-    return path
+def _stem(path: Resource) -> str:
+    return path.name.rsplit(".", 1)[0]
 
 
-def _read(path: Path) -> dict:
+def _read(path: Resource) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -109,13 +105,13 @@ def _read(path: Path) -> dict:
     return data
 
 
-def _field(path: Path, data: Mapping, key: str, what: str):
+def _field(path: Resource, data: Mapping, key: str, what: str):
     if key not in data or data[key] is None:
         raise ValueError(f"{path}: missing field {key!r} ({what})")
     return data[key]
 
 
-def _positive(path: Path, key: str, value, integer: bool = False) -> float:
+def _positive(path: Resource, key: str, value, integer: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     if ok and integer and int(value) != value:
         ok = False
@@ -125,7 +121,7 @@ def _positive(path: Path, key: str, value, integer: bool = False) -> float:
     return int(value) if integer else float(value)
 
 
-def _parsed(path: Path, key: str, value, parser) -> float:
+def _parsed(path: Resource, key: str, value, parser) -> float:
     try:
         return parser(value)
     except ValueError as e:
@@ -133,8 +129,8 @@ def _parsed(path: Path, key: str, value, parser) -> float:
 
 
 def load_interconnect(name: str) -> Interconnect:
-    """``configs/hardware/links/<name>.yaml`` (or a path): fields bandwidth, latency, sources."""
-    path = _resolve(name, INTERCONNECT_DIR, "interconnect", available_interconnects)
+    """``hardware_profiles/interconnects/<name>.yaml`` (or a path): fields bandwidth, latency, sources."""
+    path = resources.find(name, INTERCONNECT_DIR, "interconnect")
     data = _read(path)
     bw = _parsed(path, "bandwidth", _field(path, data, "bandwidth", "per port, one direction, e.g. 10gbit"),
                  parse_bandwidth)
@@ -143,12 +139,12 @@ def load_interconnect(name: str) -> Interconnect:
     for key in ("bandwidth", "latency"):
         if not isinstance(sources, Mapping) or not sources.get(key):
             raise ValueError(f"{path}: field sources.{key} is missing; every figure needs a source")
-    return Interconnect(str(data.get("name", path.stem)), bw, lat, str(data.get("description", "")).strip(), sources)
+    return Interconnect(str(data.get("name", _stem(path))), bw, lat, str(data.get("description", "")).strip(), sources)
 
 
 def load_hardware(name: str) -> HardwareProfile:
-    """``configs/hardware/<name>.yaml`` (or a path), validated; errors name the file and field."""
-    path = _resolve(name, HARDWARE_DIR, "hardware", available_hardware)
+    """``hardware_profiles/<name>.yaml`` (or a path), validated; errors name the file and field."""
+    path = resources.find(name, HARDWARE_DIR, "hardware")
     d = _read(path)
     category = _field(path, d, "category", f"one of {', '.join(CATEGORIES)}")
     if category not in CATEGORIES:
@@ -174,7 +170,7 @@ def load_hardware(name: str) -> HardwareProfile:
     intra_lat = _parsed(path, "intra_node.latency", _field(path, intra, "latency", "intra_node.latency"),
                         parse_latency)
 
-    inter = _field(path, d, "inter_node", "node NICs: link (a configs/hardware/links profile), ports")
+    inter = _field(path, d, "inter_node", "node NICs: link (an interconnect profile), ports")
     if not isinstance(inter, Mapping):
         raise ValueError(f"{path}: field inter_node must be a mapping with link and ports")
     try:
@@ -202,7 +198,7 @@ def load_hardware(name: str) -> HardwareProfile:
             raise ValueError(f"{path}: field sources.{key} is missing; every figure needs a source")
 
     return HardwareProfile(
-        name=str(d.get("name", path.stem)), gpu=str(d.get("gpu", "")), category=category, gpus_per_node=gpus, tflops=peaks,
+        name=str(d.get("name", _stem(path))), gpu=str(d.get("gpu", "")), category=category, gpus_per_node=gpus, tflops=peaks,
         memory_gb=memory, intra_bandwidth_bps=intra_bw, intra_latency_s=intra_lat, inter_link=link,
         inter_ports=ports, price_per_hour=usd, price_basis=basis, sources=sources,
         description=str(d.get("description", "")).strip(),
