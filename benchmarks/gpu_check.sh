@@ -98,7 +98,7 @@ for kv in "${TRAIN_SETS[@]}" "backend=$BACKEND" "train.eval_every=0" "train.eval
 done
 rm -rf "$OUT/train"
 if step train 180 "$PY" -m torch.distributed.run --nproc_per_node=1 --master_addr=127.0.0.1 \
-        --master_port="$PORT" -m commtrain train --config configs/tiny.yaml "${SETS[@]}"; then
+        --master_port="$PORT" -m commtrain train --config tiny "${SETS[@]}"; then
     "$PY" benchmarks/gpu_check.py train-report "$OUT/train" --json "$OUT/train_report.json" >> "$OUT/train.log" 2>&1
 fi
 rm -rf "$OUT/train/checkpoints"
