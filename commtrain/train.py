@@ -132,6 +132,9 @@ class Trainer:
             maybe_inject_fault(done, self.rank)
         if bar is not None:
             bar.close()
+        final_sync = self.sync.finalize()  # e.g. DiLoCo: the last outer sync, replicas identical again
+        if final_sync:
+            self.metrics.log({"event": "final_sync", "step": tc.steps, **final_sync})
         summary = {"event": "eval", "step": tc.steps, "eval_loss": self.evaluate(), "final": True}
         self.metrics.log(summary)
         self.metrics.close()
@@ -142,7 +145,8 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         self._set_lr(step)
         ids, x, y = self._batch(step)
-        self.meter.snapshot(reset=True)
+        # No meter reset here: bytes still crossing from the last step (an overlapped outer sync)
+        # belong to the step during which they cross. Evaluation resets after itself.
         t0 = time.perf_counter()
         waits0 = self._comm_wait_s()
 
@@ -233,6 +237,7 @@ class Trainer:
             loss = self.eval_batch_loss(x.to(self.device), y.to(self.device))
             total += torch.tensor([float(loss) * len(chunk), len(chunk)], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
+        self.meter.snapshot(reset=True)  # evaluation traffic (pipeline activations) is no step's
         return (total[0] / total[1]).item()
 
     # -- checkpoints: one dict of named stateful parts ----------------------------------------

@@ -39,7 +39,7 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
 
 
-def _run_sync(rank, comm, strategy, steps, optimizer, start=0, sync=None, model=None, **kw):
+def _run_sync(rank, comm, strategy, steps, optimizer, start=0, sync=None, model=None, finalize=False, **kw):
     from commtrain.parallel.sync import build_sync
 
     model = model if model is not None else make_model()
@@ -52,6 +52,8 @@ def _run_sync(rank, comm, strategy, steps, optimizer, start=0, sync=None, model=
         loss_fn(model, *batch(rank, s)).backward()
         events += sync.step(max_grad_norm=0.0).get("outer_syncs", [])
         sync.zero_grad()
+    if finalize:
+        events += sync.finalize().get("outer_syncs", [])
     return model, sync, events
 
 
@@ -86,8 +88,12 @@ def _worker(rank, world):
     for name, ov in (("q_on", True), ("q_off", False)):
         cfg = SyncConfig(strategy="diloco", inner_steps=2, codec="topk:ratio=0.1,chunk=256,value_bits=2", overlap=ov)
         b0 = comm.meter.bytes["grad"]
-        model, _, _ = _run_sync(rank, comm, "diloco", 8, adamw, config=cfg)
-        out[name] = dict(bytes=comm.meter.bytes["grad"] - b0, params=_params(model))
+        model, _, events = _run_sync(rank, comm, "diloco", 8, adamw, config=cfg, finalize=True)
+        out[name] = dict(bytes=comm.meter.bytes["grad"] - b0, params=_params(model), syncs=len(events))
+    # finalize after a partial round: one more sync, and every replica holds the same weights
+    cfg = SyncConfig(strategy="diloco", inner_steps=3, fragments=1, overlap=True)
+    model, sync, events = _run_sync(rank, comm, "diloco", 7, adamw, config=cfg, finalize=True)
+    out["final"] = dict(params=_params(model), syncs=len(events), again=sync.finalize())
     # (4) state round trip with a sync in flight (overlap, H=3, save after step 3 = the sync just started).
     cfg = SyncConfig(strategy="diloco", inner_steps=3, overlap=True, overlap_steps=2,
                      codec="quant:bits=4,group=64")
@@ -187,7 +193,16 @@ def test_replicas_are_bit_identical_right_after_a_synchronous_sync(runs):
 
 def test_overlap_on_and_off_send_the_same_bytes(runs):
     assert runs[0]["q_on"]["bytes"] == runs[0]["q_off"]["bytes"] > 0
+    assert runs[0]["q_on"]["syncs"] == runs[0]["q_off"]["syncs"] == 4  # H=2 over 8 steps
     assert runs[0]["overlap"]["bytes"] == runs[0]["nesterov"]["bytes"]
+
+
+def test_finalize_leaves_every_replica_with_the_final_global_weights(runs):
+    # 7 steps, H=3, overlap: syncs after 3 and 6 (applied after 4 and 7), then finalize syncs
+    # the last step's progress: 3 events, identical replicas, and nothing left to do after.
+    assert runs[0]["final"]["syncs"] == 3 and runs[0]["final"]["again"] == {}
+    for a, b in zip(runs[0]["final"]["params"], runs[1]["final"]["params"]):
+        assert torch.equal(a, b)
 
 
 def test_state_round_trip_with_a_sync_in_flight(runs):
@@ -225,3 +240,43 @@ def test_diloco_refuses_zero_and_per_step_gradient_codecs():
         with pytest.raises(ConfigError, match=match):
             load_config("tiny", ["sync.strategy=diloco", *sets]).validate(2)
     assert Config().sync.strategy == "step"
+
+
+# -- the trainer: kill/resume reproduces losses; pp=2 x dp=2 runs ------------------------------
+DILOCO = ("sync.strategy=diloco", "sync.inner_steps=2", "sync.codec=topk:ratio=0.05,chunk=1024,value_bits=2",
+          "sync.overlap=true", "compression.min_numel=512")
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_diloco_run_reproduces_its_losses(tmp_path):
+    from test_train import losses, run
+    from commtrain.metrics import read_metrics
+
+    # checkpoint after step 3: the sync started after step 2 has been applied, none in flight;
+    # after step 2 one is in flight: checkpoint every 2 to cover the in-flight case too.
+    sets = (*DILOCO, "train.checkpoint_every=2", "train.steps=7")
+    run(tmp_path / "full", 2, *sets)
+    r = run(tmp_path / "cut", 2, *sets, env={"COMMTRAIN_FAULT_STEP": "5", "COMMTRAIN_FAULT_RANK": "1"}, check=False)
+    assert r.returncode != 0
+    run(tmp_path / "cut", 2, *sets)
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    steps = [m for m in rows if "event" not in m]
+    # inner steps send nothing; a sync's bytes cross while the next inner step computes (overlap)
+    sent = [m["wire_bytes"]["grad"] for m in steps]
+    assert sent[0] == 0 and sum(b > 0 for b in sent) >= 2
+    events = [e for m in steps for e in m.get("outer_syncs", [])]
+    assert [(e["started_after_step"], e["applied_after_step"]) for e in events] == [(2, 3), (4, 5), (6, 7)]
+    assert all(e["bytes"] > 0 for e in events) and sum(sent) >= sum(e["bytes"] for e in events[:2])
+    final = [m for m in rows if m.get("event") == "final_sync"]
+    assert len(final) == 1 and len(final[0]["outer_syncs"]) == 1  # step 6's sync in flight + step 7's progress
+
+
+@pytest.mark.slow
+def test_pp2_dp2_with_diloco_runs(tmp_path):
+    from test_train import losses, run
+
+    run(tmp_path, 4, *DILOCO, "parallel.pp=2", "parallel.microbatches=2", "data.max_bytes=20000",
+        "compression.act=quant:bits=4,group=64", "compression.act_grad=quant:bits=4,group=64")
+    ls = losses(tmp_path)
+    assert len(ls) == 6 and all(x == x for x in ls) and ls[-1] < ls[0]

@@ -189,7 +189,7 @@ def test_trainer_starts_from_the_saved_weights(saved, tmp_path):
     sets = [f"model.init_from={out}", "data.source=shakespeare", "train.steps=1", "train.lr=1.0e-12",
             "train.eval_every=0", "train.eval_batches=2", "train.batch_size=4", "train.seq_len=32",
             f"out_dir={tmp_path / 'run'}", "train.progress=false", "resume=false"]
-    r = subprocess.run([sys.executable, "-m", "commtrain", "train", "--config", str(root / "configs" / "tiny.yaml"),
+    r = subprocess.run([sys.executable, "-m", "commtrain", "train", "--config", "tiny",
                         *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=120, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     final = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m.get("final")][0]["eval_loss"]

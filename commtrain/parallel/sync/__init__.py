@@ -7,6 +7,8 @@ The trainer talks to exactly one :class:`GradSync` per run, whatever the strateg
     loss.backward()                       # the last backward launches the reductions
     stats = sync.step(max_grad_norm)      # finish reducing, clip, update -> {"grad_norm", ...}
     sync.zero_grad()
+    ...
+    sync.finalize()                       # after the last step: every replica holds the final model
 
 ``param_groups`` are the optimizer's (the lr schedule writes them); ``state_dict()`` holds the
 optimizer state, the gradient-compression state (EF residuals, PowerSGD factors, codec RNG)
@@ -49,6 +51,8 @@ class GradSync(Protocol):
     def step(self, max_grad_norm: float = 0.0) -> dict[str, float]: ...
 
     def zero_grad(self) -> None: ...
+
+    def finalize(self) -> dict[str, Any]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -193,6 +193,9 @@ class DataParallel:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
+    def finalize(self) -> dict[str, Any]:
+        return {}  # every step already left the replicas in sync
+
     def memory_report(self) -> dict[str, int]:
         """Bytes per rank: ``grad_bytes`` (``param.grad`` now), ``peak_grad_bytes`` (gradients
         plus the reducer's bucket buffers, the most held during any step so far),

@@ -86,6 +86,7 @@ class DiLoCo:
         self.tau = cfg.overlap_steps if overlap and cfg.overlap else 0
         self.inner_steps = 0  # inner optimizer steps taken (fixes the fragment phase)
         self._inflight: list[dict[str, Any]] = []  # started syncs: fragment, due step, deltas, handles
+        self._last_sync = [0] * len(self.fragments)  # inner step after which each fragment last synced
 
     # -- the GradSync interface ---------------------------------------------------------------
     @property
@@ -121,6 +122,21 @@ class DiLoCo:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
 
+    def finalize(self) -> dict[str, Any]:
+        """After the last step: apply the syncs still in flight, then sync every fragment that
+        took inner steps since its last sync, synchronously, so that every replica ends holding
+        the same final global weights (what is evaluated, saved and exported)."""
+        events = [self._finish(s) for s in list(self._inflight)]
+        tau, self.tau = self.tau, 0
+        try:
+            for f in range(len(self.fragments)):
+                if self._steps_since_sync(f):
+                    self._start(f)
+                    events.append(self._finish(self._inflight[-1]))
+        finally:
+            self.tau = tau
+        return {"outer_syncs": events} if events else {}
+
     def memory_report(self) -> dict[str, int]:
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
         flat = [t for frag in self.global_ for t in frag]
@@ -140,15 +156,21 @@ class DiLoCo:
                 return f
         return None
 
+    def _steps_since_sync(self, f: int) -> int:
+        """Inner steps fragment ``f`` has taken since its last sync started."""
+        return self.inner_steps - self._last_sync[f]
+
     def _start(self, f: int) -> None:
+        sent = self._sent_bytes()  # before the worker can meter any of this sync's bytes
         deltas, handles = [], []
         for b, g in zip(self.fragments[f], self.global_[f]):
             delta = g - self._flat(b)  # theta_global - theta_i, in fp32
             deltas.append(delta)
             # Round = the outer round of this fragment; GradCompression only needs it >= 0.
             handles.append(self.compression.all_reduce(b, delta, step=self.inner_steps))
+        self._last_sync[f] = self.inner_steps
         self._inflight.append(dict(fragment=f, started=self.inner_steps, due=self.inner_steps + self.tau,
-                                   deltas=deltas, handles=handles, mean=None, sent=self._sent_bytes()))
+                                   deltas=deltas, handles=handles, mean=None, sent=sent))
 
     def _finish(self, sync: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -224,6 +246,7 @@ class DiLoCo:
                 s["mean"] = [self._result(b, h) for b, h in zip(self.fragments[s["fragment"]], s["handles"])]
             inflight.append({k: s[k] for k in ("fragment", "started", "due", "deltas", "mean")})
         return {"format": FORMAT, "optimizer": self.optimizer.state_dict(), "inner_steps": self.inner_steps,
+                "last_sync": list(self._last_sync),
                 "global": self.global_, "momentum": self.momentum, "inflight": inflight,
                 "compression": self.compression.state_dict(), "layout": self._layout()}
 
@@ -236,6 +259,7 @@ class DiLoCo:
                              "(sync.fragments, parallel.bucket_mb or the model changed)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.inner_steps = int(state["inner_steps"])
+        self._last_sync = [int(n) for n in state["last_sync"]]
         with torch.no_grad():
             for mine, theirs in ((self.global_, state["global"]), (self.momentum, state["momentum"])):
                 for a, b in zip(mine, theirs):

@@ -161,6 +161,9 @@ class ZeroSync:
             p.grad = None
         self.master.grad.zero_()
 
+    def finalize(self) -> dict[str, Any]:
+        return {}  # every step already left the replicas in sync
+
     def sync_params(self) -> None:
         """All-gather the master shards into the parameters (collective; e.g. after loading
         a sharded checkpoint without the model's own weights)."""
