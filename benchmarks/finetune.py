@@ -81,8 +81,13 @@ ROWS: dict[str, Row] = {
     #   "pp2 fp32": Row(("compression.grad=none",), pp=2),
     #   "pp2 AC-SGD 2/4": Row(("compression.act=quant:bits=2", "compression.act_grad=quant:bits=4"), target=0.02, pp=2,
     #                         ref="pp2 fp32"),
-    # Outer-sync rows (when sync.strategy lands):
-    #   "DiLoCo H=...": Row(("sync.strategy=diloco", ...)),
+    "PowerSGD rank 4": Row(("compression.grad=powersgd:rank=4", "compression.error_feedback=true"), target=0.02),
+    # Outer-sync rows (issue 10): no per-step traffic; every H inner steps a pseudo-gradient sync.
+    "DiLoCo H=32 fp32": Row(("sync.strategy=diloco", "sync.inner_steps=32", "sync.codec=none"),
+                            note="outer loop alone: Nesterov 0.7/0.9, overlap 1 step"),
+    "DiLoCo H=32 top-k 1% 2-bit + EF": Row(
+        ("sync.strategy=diloco", "sync.inner_steps=32", "sync.codec=topk:ratio=0.01,chunk=4096,value_bits=2"),
+        target=0.01, note="SparseLoCo-grade pseudo-gradient"),
 }
 
 
@@ -211,14 +216,14 @@ def pretrain(args) -> dict:
 
 
 # -- stage 2: fine-tuning rows ----------------------------------------------------------------
-def run_finetune(name: str, seed: int, base: dict, args) -> dict:
+def finetune_sets(name: str, seed: int, base: dict, args, out: Path) -> list[str]:
+    """The ``--set`` overrides of one fine-tuning run (shared settings, then the row's own)."""
     row = ROWS[name]
     dp = args.nproc // row.pp
     if dp < 1 or dp * row.pp != args.nproc or args.global_batch % dp:
         raise SystemExit(f"row {name!r}: pp={row.pp} with --nproc {args.nproc} and --global-batch {args.global_batch} "
                          "does not give an integer dp and per-replica batch")
-    out = Path(args.work) / f"{_slug(name)}_s{seed}"
-    sets = [
+    return [
         f"model.init_from={base['model_dir']}", "data.source=shakespeare", "data.tokenizer=byte",
         f"train.steps={args.steps}", f"train.lr={_yaml_float(args.lr)}", f"train.lr_warmup_steps={args.lr_warmup}",
         f"train.batch_size={args.global_batch // dp}", f"train.seq_len={args.seq_len}", f"train.seed={seed}",
@@ -227,6 +232,11 @@ def run_finetune(name: str, seed: int, base: dict, args) -> dict:
         "compression.policy=always", "compression.warmup_steps=0", f"out_dir={out}",
         *args.set, *row.sets,
     ]
+
+
+def run_finetune(name: str, seed: int, base: dict, args) -> dict:
+    out = Path(args.work) / f"{_slug(name)}_s{seed}"
+    sets = finetune_sets(name, seed, base, args, out)
     t0 = time.perf_counter()
     torchrun(args.nproc, ["train", *_sets(sets)])
     wall = time.perf_counter() - t0
@@ -337,7 +347,8 @@ def plot(data: dict, path: Path) -> None:
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; also the shared settings other benchmarks reuse (outer_sync.py)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("stage", choices=["pretrain", "finetune", "report"])
     ap.add_argument("--rows", nargs="*", default=[REFERENCE, "quant 4-bit + EF"],
@@ -366,6 +377,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
     ap.add_argument("--png", default=str(ROOT / "benchmarks" / "plots" / "finetune.png"))
     ap.add_argument("--fresh", action="store_true", help="discard the rows already in --json")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     bad = [r for r in args.rows if r not in ROWS]
     if bad:

@@ -20,6 +20,13 @@
    ``(pp - 1) / (m + pp - 1)``, then the gradient reduction (the reducer runs after the
    flush); ZeRO reduces after backward and gathers after the optimizer step (no overlap).
    Overlap never makes a prediction slower.
+6. :func:`_outer_sync` (``sync={"strategy": "diloco", ...}``): no per-step gradient reduction;
+   every ``inner_steps`` (H) steps each fragment's pseudo-gradient is all-reduced with
+   ``sync.codec`` (the same buckets and wire operations as the trainer's
+   :class:`~commtrain.parallel.sync.DiLoCo`). Figures are per *inner* step: bytes = one round
+   of all fragments / H; the sync's exposed time per round is its full time without overlap,
+   and ``max(0, sync - overlap_steps * inner step)`` per fragment with it; the step time is
+   the compute (and pipeline) time plus the exposed time / H.
 
 ``wire_bytes`` and ``comm_s`` are global rank 0's, as its ByteMeter counts them (bytes sent,
 modeled link seconds per channel); the step time uses the slowest rank of every operation.
@@ -117,6 +124,7 @@ def predict_step(
     codec_speed: Mapping[str, CodecSpeed] | None = None,
     codec_shares_compute: bool = False,
     optimizer_s: float = 0.0,
+    sync: Mapping[str, Any] | None = None,
 ) -> Prediction:
     """Predict one training step; see the module docstring for the steps.
 
@@ -132,6 +140,12 @@ def predict_step(
     codec work is then part of every bucket's reduction, and with ``codec_shares_compute`` it
     also slows the compute it overlaps with. ``optimizer_s``: seconds of the compute (included
     in ``compute_s_measured``) that run after the reduction (the optimizer step).
+
+    ``sync``: the ``sync`` config section's keys (``strategy``, ``inner_steps``, ``codec``,
+    ``fragments``, ``overlap``, ``overlap_steps``); with ``strategy="diloco"`` the outer loop
+    replaces the per-step reduction (step 6 of the module docstring) and ``extra`` carries
+    ``bytes_per_inner_step``, ``sync_s`` (one round's link + codec seconds) and the exposed
+    sync seconds per inner step with and without overlap.
     """
     _check_layout(global_batch, pp, dp, microbatches, zero_stage, mfu, bucket_mb, min_numel)
     if compute_s_measured is not None:
@@ -157,11 +171,15 @@ def predict_step(
         raise ValueError(f"optimizer_s={optimizer_s!r} is invalid; allowed: less than the step's compute ({compute:g} s)")
 
     meter = _RankZeroMeter(net)
+    outer = _outer_config(sync, zero_stage)
     reductions = [_reduce_stage(s, dp, gpn, zero_stage, codec, bucket_mb, min_numel, speeds, meter)
-                  for s in shape.stages]
+                  for s in shape.stages] if outer is None else [StageReduction() for _ in shape.stages]
     p2p_s = _pipeline_p2p(shape, codec, pp, dp, gpn, mb, microbatches, act_dtype, net, meter)
     step, bubble = _step_time(reductions, p2p_s, stage_compute, pp, microbatches, zero_stage, overlap,
                               optimizer_s, codec_shares_compute)
+    outer_extra = {}
+    if outer is not None:
+        step, outer_extra = _outer_sync(shape, dp, gpn, outer, bucket_mb, min_numel, speeds, meter, step)
 
     inflight = [min(microbatches, pp - s) for s in range(pp)]
     mem = max(stage_memory_gb(shape, s, dp, zero_stage, mb, inflight[s.index], act_dtype.itemsize, s.index == pp - 1)
@@ -178,7 +196,7 @@ def predict_step(
         extra={"nodes": nodes, "hardware": hw.name if hw else None, "category": hw.category if hw else None,
                "precision": hw.precision_used(precision) if hw else None, "mfu": mfu if hw else None,
                "fits_memory": (mem <= hw.memory_gb) if hw else None,
-               "codec_s": sum(c for b in reductions[0].segments for k, c in b if k == "cpu")},
+               "codec_s": sum(c for b in reductions[0].segments for k, c in b if k == "cpu"), **outer_extra},
     )
 
 
@@ -333,6 +351,56 @@ def _speed_of(speeds: dict | None, wire) -> CodecSpeed | None:
     if wire.spec not in speeds:
         raise ValueError(f"codec_speed has no entry for codec {wire.spec!r}; it has: {', '.join(sorted(speeds))}")
     return speeds[wire.spec]
+
+
+# -- the outer loop (DiLoCo): pseudo-gradient syncs every H inner steps ------------------------------
+def _outer_config(sync: Mapping[str, Any] | None, zero_stage: int) -> dict[str, Any] | None:
+    if sync is None or sync.get("strategy", "step") == "step":
+        return None
+    from ..parallel.sync import SyncConfig
+
+    cfg = SyncConfig(**{"strategy": "diloco", **dict(sync)})
+    cfg.validate()
+    if zero_stage:
+        raise ValueError(f"sync strategy diloco with zero_stage={zero_stage}: not supported (as in the trainer)")
+    return dict(H=cfg.inner_steps, F=cfg.fragments, codec=build_codec(cfg.codec),
+                tau=cfg.overlap_steps if cfg.overlap else 0)
+
+
+def _outer_sync(shape: ModelShape, dp: int, gpn: int, outer: dict, bucket_mb: float, min_numel: int,
+                speeds: dict | None, meter: _RankZeroMeter, inner_step_s: float) -> tuple[float, dict]:
+    """(step seconds per inner step, extra figures). Rank 0's meter gets one round / H."""
+    from ..parallel.sync.diloco import DiLoCo
+
+    H, tau, codec = outer["H"], outer["tau"], outer["codec"]
+    per_fragment = [0.0] * outer["F"]  # the slowest stage's seconds per fragment sync
+    round_meter = _RankZeroMeter(meter.net)
+    for s in shape.stages:
+        g = Group(tuple(s.index * dp + r for r in range(dp)), gpn)
+        if dp == 1:
+            continue
+        for f, frag in enumerate(DiLoCo._split(s.named_params, outer["F"], bucket_mb, min_numel)):
+            t = 0.0
+            for b in frag:
+                wire = codec if b.compress and not codec.lossless else build_codec("none")
+                ops = all_reduce("grad", g, b.numel, wire, torch.float32)
+                link_t = round_meter.cost(ops, s.index == 0)
+                kind = "ring" if wire.summable_dtype(torch.float32) is not None else "compressed"
+                t += sum(link_t) + sum(codec_segments(kind, g.size, b.numel, 4, _speed_of(speeds, wire)))
+            per_fragment[f] = max(per_fragment[f], t)
+    for ch in CHANNELS:  # per inner step: one round spread over H steps
+        meter.bytes[ch] += round_meter.bytes[ch] // H
+        meter.seconds[ch] += round_meter.seconds[ch] / H
+    exposed_sync = sum(per_fragment)  # without overlap: every sync blocks
+    exposed_overlap = sum(max(0.0, t - tau * inner_step_s) for t in per_fragment)
+    exposed = exposed_overlap if tau else exposed_sync
+    return inner_step_s + exposed / H, {
+        "sync": f"diloco H={H} F={outer['F']} codec={codec.spec} overlap_steps={tau}",
+        "bytes_per_inner_step": sum(round_meter.bytes.values()) / H,
+        "sync_s": sum(per_fragment), "exposed_sync_s_per_step": exposed / H,
+        "exposed_sync_s_per_step_no_overlap": exposed_sync / H,
+        "exposed_sync_s_per_step_overlap": exposed_overlap / H if tau else None,
+    }
 
 
 # -- pipeline p2p and the step ------------------------------------------------------------------------

@@ -37,13 +37,20 @@ def _fmt_rate(x: float | None) -> str:
     return f"{x:.0f}"
 
 
+def codec_label(r: Prediction) -> str:
+    """The row's gradient codec, or for the outer loop its pseudo-gradient codec and H."""
+    if "sync" in r.extra:
+        return f"diloco H={r.extra['sync'].split('H=')[1].split()[0]}: {r.extra['sync'].split('codec=')[1].split()[0]}"
+    return r.codecs["grad"]
+
+
 def format_table(rows: list[Prediction]) -> str:
     head = ("hardware", "nodes", "gpus", "grad codec", "step ms", "compute ms", "exposed comm ms",
-            "grad MB/rank", "tokens/s", "$/h", "tokens/$", "mem GB", "fits")
+            "grad MB/step/rank", "tokens/s", "$/h", "tokens/$", "mem GB", "fits")
     lines = [head]
     for r in rows:
         lines.append((
-            str(r.extra["hardware"]), str(r.extra["nodes"]), str(r.world_size), r.codecs["grad"],
+            str(r.extra["hardware"]), str(r.extra["nodes"]), str(r.world_size), codec_label(r),
             f"{r.step_s * 1e3:.1f}", f"{r.compute_s * 1e3:.1f}", f"{r.exposed_comm_s * 1e3:.1f}",
             f"{r.wire_bytes['grad'] / 1e6:.1f}", _fmt_rate(r.tokens_per_s),
             "-" if r.usd_per_hour is None else f"{r.usd_per_hour:.2f}", _fmt_rate(r.tokens_per_usd),
@@ -64,8 +71,8 @@ def plot_comparison(rows: list[Prediction], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     hws = list(dict.fromkeys(r.extra["hardware"] for r in rows))
-    codecs = list(dict.fromkeys(r.codecs["grad"] for r in rows))
-    by = {(r.extra["hardware"], r.codecs["grad"]): r for r in rows}
+    codecs = list(dict.fromkeys(codec_label(r) for r in rows))
+    by = {(r.extra["hardware"], codec_label(r)): r for r in rows}
     width = 0.8 / max(len(codecs), 1)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(hws) * 2), 4.8))
@@ -117,12 +124,20 @@ def compare_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of dense peak FLOP/s (default 0.4)")
     ap.add_argument("--no-overlap", action="store_true", help="do not overlap gradient reduction with backward")
     ap.add_argument("--bucket-mb", type=float, default=4.0)
+    ap.add_argument("--sync", default="step", choices=("step", "diloco"),
+                    help="step: reduce gradients every step (the --codecs rows); diloco: the outer loop (sync.*)")
+    ap.add_argument("--inner-steps", type=int, default=32, help="diloco: H")
+    ap.add_argument("--sync-codecs", default="none,topk:ratio=0.01,chunk=4096,value_bits=2",
+                    help="diloco: pseudo-gradient codecs to compare (the rows), comma-separated specs")
+    ap.add_argument("--fragments", type=int, default=1, help="diloco: F (Streaming DiLoCo)")
+    ap.add_argument("--no-sync-overlap", action="store_true", help="diloco: wait for each outer sync")
     ap.add_argument("--out", default="compare.png", help="PNG plot path ('' to skip)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write all predictions as JSON")
     args = ap.parse_args(argv)
     try:
         hws = split_list(args.hardware) if args.hardware else available_hardware()
-        codecs = split_codec_list(args.codecs)
+        diloco = args.sync == "diloco"
+        codecs = split_codec_list(args.sync_codecs if diloco else args.codecs)
         rows = []
         for h in hws:
             hw = load_hardware(h)
@@ -130,10 +145,13 @@ def compare_main(argv: list[str] | None = None) -> int:
             if world % args.pp:
                 raise ValueError(f"--pp {args.pp} does not divide the {world} GPUs of {args.nodes} x {h}")
             for c in codecs:
+                sync = (dict(strategy="diloco", inner_steps=args.inner_steps, codec=c, fragments=args.fragments,
+                             overlap=not args.no_sync_overlap) if diloco else None)
                 rows.append(predict_step(
                     args.model, global_batch=args.batch, seq_len=args.seq_len, pp=args.pp, dp=world // args.pp,
-                    microbatches=args.microbatches, zero_stage=args.zero,
-                    codecs={"grad": c, "act": args.act_codec, "act_grad": args.act_grad_codec, "param": args.param_codec},
+                    microbatches=args.microbatches, zero_stage=args.zero, sync=sync,
+                    codecs={"grad": "none" if diloco else c, "act": args.act_codec, "act_grad": args.act_grad_codec,
+                            "param": args.param_codec},
                     hardware=hw, nodes=args.nodes, interconnect=args.interconnect, precision=args.precision,
                     mfu=args.mfu, overlap=not args.no_overlap, bucket_mb=args.bucket_mb,
                     # Mixed precision: activations (memory, pipeline sends) in the compute dtype;
@@ -145,6 +163,9 @@ def compare_main(argv: list[str] | None = None) -> int:
         return 2
     title = (f"{args.model}, global batch {args.batch} x {args.seq_len} tokens, {args.nodes} node(s), pp={args.pp}, "
              f"mfu={args.mfu}, {'no overlap' if args.no_overlap else 'overlap'}")
+    if args.sync == "diloco":
+        title += (f"; DiLoCo H={args.inner_steps}, F={args.fragments}, "
+                  f"{'no sync overlap' if args.no_sync_overlap else 'sync overlapped'} (codec column = sync.codec)")
     print(title)
     print(format_table(rows))
     if args.out:
