@@ -308,6 +308,11 @@ def _run_ranks(net: Netns, command: list[str], args) -> int:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(net.nproc),
                    MASTER_ADDR=net.addr(0), MASTER_PORT=str(args.master_port),
                    GLOO_SOCKET_IFNAME="eth0", NCCL_SOCKET_IFNAME="eth0")
+        # As torchrun does for several ranks on one machine: one intra-op thread per rank unless
+        # the user chose otherwise. Without it every rank runs a thread per core and the ranks
+        # oversubscribe the CPU, so a real-link run computes slower than the same run under
+        # torchrun and the two links cannot be compared.
+        env.setdefault("OMP_NUM_THREADS", "1")
         net.spawn(rank, command, env)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while True:
