@@ -4,16 +4,8 @@ Every collective and point-to-point transfer of the communication layer calls on
 methods below, each of which (1) books the modeled link, (2) makes the real
 torch.distributed call on uint8 packet bytes (or the summable payload), (3) records in
 the ByteMeter the bytes *this rank* sent and the modeled link seconds, and (4) waits
-until the modeled completion. Byte accounting per operation (p = group size):
-
-==================  ==============================================  ===============
-operation           bytes this rank sends                            message rounds
-==================  ==============================================  ===============
-all_to_all          sum of packet sizes addressed to other ranks    p - 1
-all_gather          (p - 1) * own packet bytes (ring)               p - 1
-all_reduce (ring)   floor(2 (p - 1) / p * payload bytes)            2 (p - 1)
-send                packet bytes                                    1
-==================  ==============================================  ===============
+until the modeled completion. What each operation costs -- the bytes this rank sends and
+the message rounds -- is the price list of :mod:`.price`, its one copy.
 
 For the ring all-reduce the bytes handed to torch are the whole payload; what a ring
 puts on *this rank's* link is the standard 2(p-1)/p of it, and that is what is metered.

@@ -38,7 +38,7 @@ class ErrorFeedback:
     def __init__(self, codec: Codec | str | Mapping):
         self.codec = build_codec(codec)
         self.residuals: dict[str, torch.Tensor] = {}
-        self._nonfinite: torch.Tensor | int = 0  # elements whose residual update was refused
+        self._nonfinite = 0  # elements whose residual update was refused
 
     # -- what the wire needs (the codec protocol) -------------------------------------------
     @property
@@ -92,10 +92,13 @@ class ErrorFeedback:
         corrected = x.detach().float() if e is None else x.detach().float() + e
         pkt = self.codec.compress(corrected.to(x.dtype), generator)
         new = corrected - self.codec.decompress(pkt).float()
-        # No host sync: keep the old residual (or 0) wherever the update is not finite.
-        finite = torch.isfinite(new)
-        self.residuals[key] = torch.where(finite, new, e if e is not None else torch.zeros_like(new))
-        self._nonfinite = self._nonfinite + (~finite).sum()
+        # One cheap pass in the common case: the sum is finite iff every element is (a finite
+        # sum that overflows only sends us down the exact path below, which then changes nothing).
+        if not torch.isfinite(new.sum()):
+            finite = torch.isfinite(new)  # keep the old residual (or 0) wherever the update is not finite
+            new = torch.where(finite, new, e if e is not None else torch.zeros_like(new))
+            self._nonfinite += int((~finite).sum())
+        self.residuals[key] = new
         return pkt
 
     def decompress(self, pkt: Packet) -> torch.Tensor:
@@ -104,7 +107,7 @@ class ErrorFeedback:
     # -- bookkeeping --------------------------------------------------------------------------
     def take_nonfinite(self) -> int:
         """Elements whose residual update was refused (non-finite) since the last call."""
-        n, self._nonfinite = int(self._nonfinite), 0
+        n, self._nonfinite = self._nonfinite, 0
         return n
 
     def forget(self, key: str) -> None:
