@@ -380,12 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "finetune.json"))
     ap.add_argument("--png", default=str(ROOT / "benchmarks" / "plots" / "finetune.png"))
     ap.add_argument("--fresh", action="store_true", help="discard the rows already in --json")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME|SET;SET;...",
+                    help="an ad-hoc row (e.g. a sweep point): 'H8 avg|sync.strategy=diloco;sync.inner_steps=8'")
     return ap
+
+
+def add_adhoc_rows(specs: list[str]) -> list[str]:
+    """Register ``--row 'NAME|a.b=1;c.d=2'`` rows; returns their names."""
+    names = []
+    for spec in specs:
+        name, bar, sets = spec.partition("|")
+        if not bar or not name.strip() or not sets.strip():
+            raise SystemExit(f"--row {spec!r}: expected 'NAME|key=value;key=value'")
+        ROWS[name.strip()] = Row(tuple(x.strip() for x in sets.split(";") if x.strip()))
+        names.append(name.strip())
+    return names
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.rows = list(args.rows) + [n for n in add_adhoc_rows(args.row) if n not in args.rows]
     bad = [r for r in args.rows if r not in ROWS]
     if bad:
         ap.error(f"--rows: unknown {bad}; allowed: {list(ROWS)}")
