@@ -5,8 +5,15 @@ The trainer talks to exactly one :class:`GradSync` per run, whatever the strateg
     sync.begin_step(step)                 # arm the backward hooks (buckets reduce as they fill)
     with sync.no_sync(): loss.backward()  # accumulation backwards only accumulate
     loss.backward()                       # the last backward launches the reductions
-    stats = sync.step(max_grad_norm)      # finish reducing, clip, update -> {"grad_norm", ...}
+    stats = sync.step(max_grad_norm, veto)  # finish reducing, clip, update -> {"grad_norm", "skipped", ...}
     sync.zero_grad()
+
+``veto`` (optional) is called once per step with the global gradient norm (a 0-d tensor,
+of the averaged gradient before clipping), after the reduction and before anything is
+updated; when it returns True the step is *skipped*: no clipping, no optimizer step, no
+parameter gather -- optimizer state (and ZeRO's master shard) stay as they were, and
+``stats["skipped"]`` is True. The trainer's non-finite guard uses it (it must be called on
+every rank of the group: the trainer's veto is itself a collective).
 
 ``param_groups`` are the optimizer's (the lr schedule writes them); ``state_dict()`` holds the
 optimizer state, the gradient-compression state (EF residuals, PowerSGD factors, codec RNG)
@@ -27,6 +34,7 @@ import torch
 from ...registry import Registry
 
 SYNCS: Registry[Callable[..., "GradSync"]] = Registry("gradient sync")
+Veto = Callable[[torch.Tensor], bool]  # global grad norm -> skip this step's update?
 
 
 @runtime_checkable
@@ -38,7 +46,7 @@ class GradSync(Protocol):
 
     def no_sync(self) -> ContextManager[None]: ...
 
-    def step(self, max_grad_norm: float = 0.0) -> dict[str, float]: ...
+    def step(self, max_grad_norm: float = 0.0, veto: Veto | None = None) -> dict[str, Any]: ...
 
     def zero_grad(self) -> None: ...
 
@@ -79,4 +87,4 @@ from . import data_parallel, zero  # noqa: E402,F401  (register the strategies)
 from .data_parallel import DataParallel, GradReducer  # noqa: E402
 from .zero import ZeroConfig, ZeroSync  # noqa: E402
 
-__all__ = ["DataParallel", "GradReducer", "GradSync", "SYNCS", "ZeroConfig", "ZeroSync", "build_sync"]
+__all__ = ["DataParallel", "GradReducer", "GradSync", "SYNCS", "Veto", "ZeroConfig", "ZeroSync", "build_sync"]
