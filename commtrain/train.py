@@ -182,24 +182,32 @@ class Trainer:
             maybe_inject_fault(done, self.rank)
         if bar is not None:
             bar.close()
-        # Weights are never lost: a checkpoint at the end of every run, however it ends.
+        return self._finish(stop, done, last)
+
+    def _finish(self, stop: str | None, done: int, last: dict[str, Any]) -> dict[str, Any]:
+        """End of the loop, completed or ``stop``ped ("signal", "nonfinite") after step ``done``."""
+        tc = self.cfg.train
+        # Weights are never lost: a checkpoint at the end of every run -- completed, stopped by
+        # a signal or by the non-finite guard (the skipped steps left the weights untouched).
         if self.last_saved != done:
             self.save(done)
+        saved = self.checkpointer.root / f"step_{done:08d}"
         if stop == "nonfinite":
             self.metrics.close()
-            first = done - self.skipped_in_row + 1
+            n = self.skipped_in_row
+            why = ("at this step" if tc.nonfinite == "stop" else
+                   f"at {n} consecutive steps ({done - n + 1}-{done}; limit train.max_nonfinite_steps="
+                   f"{tc.max_nonfinite_steps})")
             raise RunError(
                 f"train.nonfinite={tc.nonfinite}: stopped after step {done}: the loss or gradient norm was non-finite "
-                f"at {self.skipped_in_row} consecutive step(s) ({first}-{done}; limit train.max_nonfinite_steps="
-                f"{tc.max_nonfinite_steps}); those updates were skipped, the weights before them are saved in "
-                f"{self.checkpointer.root / f'step_{done:08d}'}; lower train.lr, set train.grad_clip, or check the data"
+                f"{why}; those updates were skipped and the weights from before them are saved in {saved}; lower "
+                f"train.lr, set train.grad_clip, or check the data"
             )
         if stop == "signal":
             self.metrics.close()
             if self.rank == 0:
                 print(f"commtrain: stopped by {self.signals.name or 'a signal on another rank'} after step {done} of "
-                      f"{tc.steps}; weights saved in {self.checkpointer.root / f'step_{done:08d}'}; run the same "
-                      f"command to continue", flush=True)
+                      f"{tc.steps}; weights saved in {saved}; run the same command to continue", flush=True)
             return {**last, "stopped": True}
         summary: dict[str, Any] = {}
         if self.eval_ids is not None:
