@@ -168,7 +168,7 @@ class Trainer:
         for step in range(start, tc.steps):
             last = self.train_step(step)
             done = step + 1
-            stop = self._count_skips(last, done)
+            stop = self._after_step(last, done)
             self.metrics.log(last)
             if bar is not None:
                 bar.update(1)
@@ -251,7 +251,7 @@ class Trainer:
             "skipped": agreed.nonfinite,  # the update was vetoed (non-finite loss/grad norm on some rank)
         }
 
-    def _count_skips(self, record: dict[str, Any], done: int) -> str | None:
+    def _after_step(self, record: dict[str, Any], done: int) -> str | None:
         """Book-keeping after a step, alike on every rank (it reads agreed values): adds
         ``skipped_total`` to ``record``; returns ``"nonfinite"`` (stop: too many skipped
         steps), ``"signal"`` (some rank was asked to stop) or None."""

@@ -290,3 +290,11 @@ def test_pipeline_eval_split_is_checked_at_start_up(tmp_path):
     assert r.returncode == 2 and len(stderr_lines(r)) == 1, r.stderr
     assert "data.eval_fraction=0.001 gives a held-out split of 1 sequence(s)" in r.stderr
     assert not (tmp_path / "metrics.jsonl").exists()  # found before the first step
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    assert single(tmp_path, "train.steps=4", "train.eval_every=0").returncode == 0
+    r = single(tmp_path, "train.steps=2")
+    assert r.returncode == 2 and "train.steps=2 is below the step of the checkpoint to resume (4" in r.stderr
+    r = single(tmp_path, "train.steps=4", "resume=must")  # the finished run: nothing to train, nothing rewritten
+    assert r.returncode == 0 and "resumed from" in r.stderr and "done: 4 steps" in r.stdout
