@@ -26,6 +26,7 @@ regenerated from everything in it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import statistics
 import sys
@@ -57,6 +58,7 @@ ROWS = {
 def run_one(name: str, spec: str, ef: bool, policy: str, link: str | None, args, rep: str = "0") -> dict:
     slug = "".join(c if c.isalnum() else "_" for c in f"{link or 'unthrottled'}_{name}_r{rep}")
     out = Path(args.work) / slug
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = [
         f"train.steps={args.steps}", f"out_dir={out}", "resume=false", "train.progress=false",
         "train.eval_every=0", "train.eval_batches=1", f"link.profile={link if link else 'null'}",

@@ -14,6 +14,7 @@ batches of ``batch_size`` sequences per rank).
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ TARGETS = {"quant 4-bit + EF": 0.01, "top-k 1% + EF": 0.03}  # issue 3: relative
 def run_row(name: str, args) -> dict:
     spec, ef, _ = ROWS[name]
     out = Path(args.work) / "".join(c if c.isalnum() else "_" for c in name)
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = [
         f"model.preset={args.model}", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
         f"train.eval_batches={args.eval_batches}", f"train.lr_warmup_steps={args.lr_warmup}",

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,6 +186,7 @@ def pretrain(args) -> dict:
         print(f"base model: cached {home} (pretrained in {rec['wall_s']:.0f}s; --force rebuilds)")
         return rec
     run = home / "run"
+    shutil.rmtree(run, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = [
         f"model.preset={s['preset']}", f"data.source={s['source']}", f"data.tokenizer={s['tokenizer']}",
         f"data.max_bytes={s['max_bytes']}", f"train.steps={s['steps']}", f"train.lr={_yaml_float(s['lr'])}",
@@ -239,6 +241,7 @@ def finetune_sets(name: str, seed: int, base: dict, args, out: Path) -> list[str
 
 def run_finetune(name: str, seed: int, base: dict, args) -> dict:
     out = Path(args.work) / f"{_slug(name)}_s{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = finetune_sets(name, seed, base, args, out)
     t0 = time.perf_counter()
     torchrun(args.nproc, ["train", *_sets(sets)])

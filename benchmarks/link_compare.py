@@ -17,6 +17,7 @@ Needs root (namespaces, tc); exits with a message otherwise. Raw: benchmarks/out
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import os
 import statistics
@@ -40,6 +41,7 @@ PREFIX = "ctb"
 
 
 def train_sets(out_dir: Path, link: str | None, codec: str, steps: int) -> list[str]:
+    shutil.rmtree(out_dir, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = [f"out_dir={out_dir}", "resume=false", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
             "train.progress=false", "model.preset=gpt-micro", "train.batch_size=8", "train.seq_len=64",
             f"link.profile={link or 'null'}", f"compression.grad={codec}", "compression.error_feedback=true",

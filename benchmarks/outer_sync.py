@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ ROWS = [FP32, POWERSGD, "DiLoCo H=32 fp32", "DiLoCo H=32 2-bit + EF", TARGET_ROW
 def run(name: str, seed: int, base: dict, args, link: str) -> dict:
     """One fine-tuning run of row ``name``; ``link``: ``none`` | a simulated profile | ``real:<rate>``."""
     out = Path(args.work) / f"{ft._slug(name)}_s{seed}_{link.replace(':', '_')}"
+    shutil.rmtree(out, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = ft.finetune_sets(name, seed, base, args, out)
     t0 = time.perf_counter()
     if link.startswith("real:"):

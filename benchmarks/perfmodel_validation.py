@@ -24,6 +24,7 @@ Raw results: benchmarks/out/perfmodel_validation.json (merged across invocations
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import os
 import statistics
@@ -60,6 +61,7 @@ def policy_supported() -> bool:
 def train_run(name: str, link: str | None, codec: str, steps: int) -> dict:
     """One torchrun training run; returns the medians of rank 0's per-step metrics."""
     out_dir = ROOT / "benchmarks" / "out" / "pv" / name
+    shutil.rmtree(out_dir, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     sets = [
         f"out_dir={out_dir}", "resume=false", f"train.steps={steps}", "train.eval_every=0", "train.eval_batches=1",
         "train.progress=false", f"train.batch_size={BATCH}", f"train.seq_len={SEQ}", f"model.preset={PRESET}",

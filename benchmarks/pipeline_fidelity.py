@@ -12,6 +12,7 @@ by seed; a PNG shows the curves.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import sys
 import time
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     runs = data.setdefault(str(args.seed), {})
     for name in names:
         run_dir = OUT / "pipeline_fidelity" / f"seed{args.seed}" / name.replace(" ", "_").replace("/", "-")
+        shutil.rmtree(run_dir, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
         overrides = [f"out_dir={run_dir}", "resume=false", f"train.steps={args.steps}", f"train.seed={args.seed}",
                      "parallel.pp=2", "parallel.dp=1", "compression.grad=none", *DATA, *SETTINGS[name], *args.set]
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ steps after the first epoch are timed.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 import statistics
 import sys
@@ -87,6 +88,7 @@ def measure(run_dir: Path, world: int, skip: int) -> dict:
 
 def run(name: str, dp: int, sets: list[str], link: str | None, args, tag: str) -> dict:
     run_dir = OUT / "pipeline_speed" / tag / name.replace(" ", "_").replace("/", "-").replace("+", "p")
+    shutil.rmtree(run_dir, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     overrides = [f"out_dir={run_dir}", "resume=false", f"train.steps={args.steps}", "parallel.pp=2",
                  f"parallel.dp={dp}", *sets, *args.set]
     overrides += [f"link.bandwidth={link}", f"link.latency={args.latency}"] if link else []

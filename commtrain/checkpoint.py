@@ -7,10 +7,17 @@ directory; rank 0 then writes the manifest with each shard's SHA-256 and size an
 renames the directory into place. A checkpoint directory therefore either exists
 complete or not at all.
 
+A checkpoint holding a non-finite value (NaN/inf in any floating tensor of any rank's
+state) is never written: the ranks agree before anything touches the disk, and
+:class:`NonFiniteStateError` names the first bad tensors. Rotation (``keep``) runs only
+after the new checkpoint is complete, so it never removes the last good one.
+
 Loading walks checkpoints newest first. Each rank verifies its shard (size, checksum,
 ``torch.load(weights_only=True)`` -- never arbitrary pickle); the ranks agree with one
 all-reduce, and a corrupt or truncated checkpoint is reported and skipped in favour of
-the previous good one.
+the previous good one. When checkpoints exist but *none* can be verified,
+:meth:`Checkpointer.load_latest` raises (naming every file that failed) rather than let a
+run start from scratch over them.
 """
 from __future__ import annotations
 
@@ -26,13 +33,40 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .runtime import RunError
+
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RunError):
+    """A checkpoint problem every rank raises alike; the message says what to do."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """The state to save holds NaN/inf; nothing was written."""
+
+
+def nonfinite_tensors(state: Any, prefix: str = "", limit: int = 3) -> list[str]:
+    """Dotted names of (up to ``limit``) floating tensors in ``state`` holding NaN or inf."""
+    bad: list[str] = []
+
+    def walk(obj, name):
+        if len(bad) >= limit:
+            return
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+                bad.append(name)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    return bad
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -55,16 +89,27 @@ def _fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Collective save/load: every rank of ``group`` must call :meth:`save` and :meth:`load_latest`."""
 
-    def __init__(self, root: str | os.PathLike, keep: int = 3, group=None):
+    def __init__(self, root: str | os.PathLike, keep: int = 3, group=None, fingerprint: str | None = None):
         self.root = Path(root)
         self.keep = keep
         self.group = group
+        self.fingerprint = fingerprint  # the run's identity (commtrain.rundir), kept in each manifest
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
 
     # -- save ---------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` (this rank's) as checkpoint ``step``; collective. Raises
+        :class:`NonFiniteStateError` on every rank, writing nothing, if any rank's state
+        holds NaN/inf."""
+        bad = self._gather(nonfinite_tensors(state))
+        if any(bad):
+            where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in enumerate(bad) if names)
+            raise NonFiniteStateError(
+                f"checkpoint step {step} not written: the state holds non-finite values ({where}); the last good "
+                f"checkpoint is {self._newest_name()}"
+            )
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".step_{step:08d}.tmp"
         if self.rank == 0:
@@ -81,6 +126,8 @@ class Checkpointer:
         entries = self._gather(entry)
         if self.rank == 0:
             manifest = {"step": step, "world_size": self.world_size, "shards": entries}
+            if self.fingerprint is not None:
+                manifest["fingerprint"] = self.fingerprint
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -92,8 +139,13 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
+        # Called with the new checkpoint complete in place: the newest ``keep`` stay.
         for old in self.list()[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _newest_name(self) -> str:
+        found = self.list()
+        return str(found[0]) if found else "none (nothing saved yet)"
 
     # -- load ---------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -110,6 +162,12 @@ class Checkpointer:
             manifest = json.loads(mf.read_text())
         except (OSError, ValueError) as e:
             return None, f"manifest {mf} unreadable ({e})"
+        theirs = manifest.get("fingerprint")
+        if self.fingerprint is not None and theirs is not None and theirs != self.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} belongs to another run (fingerprint {theirs}, this run {self.fingerprint}); "
+                f"point out_dir elsewhere, or start fresh with resume=never --overwrite (moves the old run aside)"
+            )
         if manifest.get("world_size") != self.world_size:
             raise CheckpointError(
                 f"checkpoint {path} was written by {manifest.get('world_size')} ranks but this run has "
@@ -129,19 +187,30 @@ class Checkpointer:
             return None, f"shard {shard} cannot be loaded ({type(e).__name__}: {e})"
 
     def load_latest(self) -> tuple[int, dict[str, Any]] | None:
-        """(step, this rank's state) of the newest checkpoint that every rank can load, else None."""
+        """(step, this rank's state) of the newest checkpoint that every rank can load; None
+        when there is no checkpoint at all. Raises :class:`CheckpointError` when there are
+        checkpoints but none can be verified (naming what failed on every rank)."""
         candidates = self.list()
         # All ranks must walk the same list, even if their directory views differ slightly.
         steps = self._gather([int(_STEP_DIR.match(p.name).group(1)) for p in candidates])[0]
+        failed: list[str] = []
         for step in steps:
             path = self.root / f"step_{step:08d}"
             state, problem = self.verify(path)
             if problem:
                 log.warning("checkpoint rank %d: %s; trying an older checkpoint", self.rank, problem)
-            if self._all_ok(problem is None):
+            problems = self._gather(problem)
+            if not any(problems):
                 return step, state
+            failed += [p for p in problems if p]
             if problem is None:
                 log.warning("checkpoint %s is unusable on another rank; trying an older checkpoint", path)
+        if steps:
+            raise CheckpointError(
+                f"none of the {len(steps)} checkpoint(s) in {self.root} can be verified ({'; '.join(failed)}); "
+                f"nothing was overwritten. Restore the damaged files (e.g. from a backup), or start a new run with "
+                f"resume=never --overwrite (moves this one aside)"
+            )
         return None
 
     # -- collectives (no-ops in a single process) ----------------------------------------
@@ -156,5 +225,3 @@ class Checkpointer:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def _all_ok(self, ok: bool) -> bool:
-        return all(self._gather(bool(ok)))

@@ -8,23 +8,127 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
 def _train(args) -> int:
+    """One rank of a training run (or, with ``--nproc``, the launcher of N local ranks).
+
+    Errors: an error that ends the run prints *one line* on rank 0 -- ``commtrain: error:``
+    and what is wrong / allowed / to do -- and every rank exits 2; the other ranks print
+    nothing. Config errors and :class:`~commtrain.runtime.RunError` (a refused out_dir,
+    non-finite stop, unverifiable checkpoints, ...) are raised by all ranks alike and carry
+    a complete message; any other exception is shown as ``ExceptionType: message`` with
+    where the tracebacks are. The full traceback goes to ``out_dir/error.log`` (rank r > 0:
+    ``error_rank<r>.log``) once the run owns its out_dir, else to ``commtrain-error*.log``
+    in the temp directory; ``--debug`` prints it to stderr as well.
+    """
+    if args.nproc:
+        if "LOCAL_RANK" in os.environ:
+            print("commtrain: error: --nproc inside a launched rank (torchrun/Ray already started the ranks); "
+                  "drop --nproc", file=sys.stderr)
+            return 2
+        return _launch(args)
     from .config import ConfigError, load_config
 
+    rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = load_config(args.config, args.set)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as e:
-        # One clear line, before any process group exists.
-        print(f"commtrain: config error: {e}", file=sys.stderr)
-        return 2
-    from .train import train
+        from .train import train
 
-    train(cfg)
-    return 0
+        train(cfg, overwrite=args.overwrite)
+        return 0
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops at the next step boundary)
+        if rank == 0:
+            print("commtrain: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- every error that ends the run: one line, exit 2
+        from .runtime import RunError
+
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        return _report_error(e, rank, debug=args.debug, agreed=isinstance(e, (ConfigError, RunError)), kind=kind)
+
+
+def _report_error(e: BaseException, rank: int, debug: bool, agreed: bool, kind: str = "error") -> int:
+    """Write the traceback to the run's error log, print one line (rank 0 only), return 2."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    where = None if kind == "config error" else _write_error_log(text, rank)  # a config error's line is all
+    if debug:
+        print(text, file=sys.stderr, end="", flush=True)
+    if rank != 0:
+        return 2
+    message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message held
+    if not agreed:  # not one of ours: name the exception, and where every rank's traceback is
+        message = f"{type(e).__name__}: {message}" + (f" (tracebacks: {where}, error_rank<r>.log beside it)"
+                                                      if where else "")
+    print(f"commtrain: {kind}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _write_error_log(text: str, rank: int):
+    """Append ``text`` to ``error.log`` (rank r > 0: ``error_rank<r>.log``) in the run's
+    directory once the run owns it, else in the temp directory; the path, or None."""
+    import datetime
+    import tempfile
+    from pathlib import Path
+
+    from .runtime import claimed_run_dir
+
+    run_dir = claimed_run_dir()
+    name = "error.log" if rank == 0 else f"error_rank{rank}.log"
+    path = Path(run_dir) / name if run_dir is not None else Path(tempfile.gettempdir()) / f"commtrain-{name}"
+    try:
+        with open(path, "a") as f:
+            f.write(f"== {datetime.datetime.now().isoformat(timespec='seconds')} rank {rank}: {' '.join(sys.argv)}\n"
+                    f"{text}\n")
+    except OSError:
+        return None
+    return path
+
+
+def _launch(args) -> int:
+    """``commtrain train --nproc N``: torchrun on this machine (loopback rendezvous, a free
+    port), in this process, with torchrun's own failure report left out: the ranks already
+    printed the one line that says what went wrong. Exit status: the ranks' (2 for a run
+    error), 1 when a rank died otherwise."""
+    import socket
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its banner
+    worker = ["train", *(["--config", args.config] if args.config else []),
+              *[a for item in args.set for a in ("--set", item)],
+              *(["--overwrite"] if args.overwrite else []), *(["--debug"] if args.debug else [])]
+    targs = get_args_parser().parse_args([
+        f"--nproc_per_node={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+        f"--max-restarts={args.max_restarts}", "-m", "commtrain", *worker,
+    ])
+    if not args.debug:  # the agent's own warnings/errors repeat what the ranks said
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        run(targs)
+        return 0
+    except SignalException as e:  # Ctrl-C / SIGTERM here: the ranks got it too and stop at a step boundary
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 2:  # a run error: rank 0 printed its line
+            return 2
+        how = f"signal {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0 else f"status {failure.exitcode}"
+        print(f"commtrain: error: rank {rank} exited with {how}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _demo(args) -> int:
@@ -86,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config (sections: model, data, train, parallel, compression, zero, link): "
                                      "a path, or a packaged example: tiny, pipeline, demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=20")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh even if out_dir holds a run: the old run is moved aside (renamed, not deleted)")
+    p.add_argument("--debug", action="store_true", help="print full tracebacks on stderr (always in out_dir/error.log)")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="launch N local ranks (torchrun on loopback) and keep errors to one line")
+    p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: torchrun's --max-restarts")
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("demo", help="2-rank fine-tuning on a simulated slow link: fp32 vs 4-bit + error feedback")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,7 +20,7 @@ import yaml
 
 from . import resources
 from .comm.link import LinkConfig
-from .data import DataConfig, resolve_tokenizer
+from .data import DataConfig, resolve_paths, resolve_tokenizer
 from .data.tokenizer import checkpoint_vocab_size
 from .models import ModelConfig
 from .parallel.compression import CompressionConfig
@@ -28,7 +29,15 @@ from .parallel.sync import SyncConfig
 from .parallel.sync.zero import ZeroConfig
 from .validate import ConfigError, choice, integer, non_negative, positive
 
-__all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "from_dict"]
+__all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "from_dict", "RESUME_MODES"]
+
+NONFINITE_POLICIES = ("skip", "stop")
+# resume: "auto" resumes the run recorded in out_dir when its identity matches (and starts
+# fresh in an empty out_dir); "never" always starts fresh and refuses a non-empty out_dir
+# (unless --overwrite moves the old run aside); "must" refuses to start without a checkpoint.
+RESUME_MODES = ("auto", "never", "must")
+# YAML's true/false (the old boolean ``resume``) read as these modes.
+RESUME_ALIASES = {True: "auto", False: "never"}
 
 # Example configs ship with the package: ``--config tiny`` (or demo, pipeline) from any directory.
 CONFIG_DIR = resources.directory(__package__, "configs")
@@ -48,17 +57,24 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 50  # 0 disables periodic eval (a final eval still runs)
     eval_batches: int = 4
-    checkpoint_every: int = 0  # 0 disables periodic checkpoints
+    checkpoint_every: int = 0  # 0: no periodic checkpoints (one is always written at the end of a run)
     keep_checkpoints: int = 3
     progress: bool = True  # tqdm bar on rank 0
+    # A step whose loss or gradient norm is non-finite on any rank is skipped (no update).
+    # "skip": go on, but stop after max_nonfinite_steps consecutive skips; "stop": stop at once.
+    nonfinite: str = "skip"
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
         positive(self, "train", "lr")
         non_negative(self, "train", "weight_decay", "grad_clip")
-        for key in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints", "max_nonfinite_steps"):
             integer(self, "train", key, 1)
         for key in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
             integer(self, "train", key, 0)
+        choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"train.progress={self.progress!r} is invalid; allowed: true, false")
 
 
 @dataclass
@@ -74,7 +90,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     out_dir: str = "runs/default"
-    resume: bool = True  # continue from the newest good checkpoint in out_dir, if any
+    resume: str = "auto"  # auto | never | must (see RESUME_MODES; true/false read as auto/never)
     backend: str = "auto"  # torch.distributed backend: auto (nccl with CUDA, else gloo), gloo, nccl
     timeout_s: float = 300.0  # a dead peer raises after this long instead of hanging
 
@@ -101,7 +117,13 @@ class Config:
                 f"set train.seq_len (the data section follows it)"
             )
         choice("backend", self.backend, ("auto", "gloo", "nccl"))
+        choice("resume", self.resume, RESUME_MODES)
         positive(self, "", "timeout_s")
+        if self.data.source == "files":  # the files must exist now, not when rank 0 reads them
+            try:
+                resolve_paths(self.data.path)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         p = self.parallel
         if p.pp > 1 and self.zero.stage:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: ZeRO is supported with pp=1 only")
@@ -199,11 +221,19 @@ def from_dict(cls, raw: dict[str, Any], prefix: str):
 
 
 def _coerce(key: str, value: Any, ftype: Any) -> Any:
+    if key == "resume" and isinstance(value, bool):
+        return RESUME_ALIASES[value]
     args = typing.get_args(ftype)
-    if typing.get_origin(ftype) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+    if typing.get_origin(ftype) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        ftype = next(a for a in args if a is not type(None))
+        members = [a for a in args if a is not type(None)]
+        # A value that already is one of the members (e.g. the list of ``str | list[str]``)
+        # is kept; otherwise the first member's coercion decides (and words the error).
+        for member in members:
+            if _is_instance(value, member):
+                return value
+        ftype = members[0]
     if ftype is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if ftype is float and isinstance(value, str):
@@ -214,6 +244,17 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
             pass
     if ftype is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if ftype in (int, float, str, bool) and not (isinstance(value, ftype) and not (ftype is int and isinstance(value, bool))):
+    if ftype in (int, float, str, bool) and not _is_instance(value, ftype):
         raise ConfigError(f"{key}={value!r} is invalid; allowed: a value of type {ftype.__name__}")
     return value
+
+
+def _is_instance(value: Any, ftype: Any) -> bool:
+    """``isinstance`` for the config's field types: ``bool`` is not an ``int`` or ``float``
+    here, and ``list[str]`` checks its items."""
+    if typing.get_origin(ftype) is list:
+        (item,) = typing.get_args(ftype) or (Any,)
+        return isinstance(value, list) and (item is Any or all(_is_instance(v, item) for v in value))
+    if ftype in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, ftype) if isinstance(ftype, type) else False

@@ -69,12 +69,15 @@ def run_demo(args) -> int:
     for name, sets in runs.items():
         run_dir = out / name.split()[0].replace(":", "_").replace(",", "_").replace("=", "")
         print(f"\n== {name}: {args.nproc} ranks, link {args.link}, {args.steps} steps -> {run_dir}", flush=True)
+        # A fresh run every time, never mixed with an earlier one: resume=never, and the
+        # previous demo run in the same directory is moved aside (renamed, not deleted).
         overrides = [
-            f"train.steps={args.steps}", f"link.profile={args.link}", f"out_dir={run_dir}", "resume=false",
+            f"train.steps={args.steps}", f"link.profile={args.link}", f"out_dir={run_dir}", "resume=never",
             *sets, *args.set,
         ]
         with as_file(CONFIG) as config:  # a real file even if the package is zipped
-            torchrun(args.nproc, ["train", "--config", str(config), *[a for o in overrides for a in ("--set", o)]])
+            torchrun(args.nproc, ["train", "--config", str(config), "--overwrite",
+                                  *[a for o in overrides for a in ("--set", o)]])
         results[name] = summarize(run_dir)
     print(f"\ncommtrain demo: {args.nproc} ranks on a simulated {args.link} link\n")
     print(format_table(results))

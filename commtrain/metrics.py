@@ -4,13 +4,16 @@ Rank 0 writes ``<out_dir>/metrics.jsonl``; every other rank writes
 ``<out_dir>/metrics_rank<r>.jsonl`` (in a pipeline each stage sends different channels,
 so every rank's own bytes are kept). One object per step: ``step``, ``loss``,
 ``step_time_s``, ``tokens_per_s``, ``wire_bytes`` (bytes *this rank* sent in this step,
-by channel), ``compute_s``, ``comm_s``; evaluation lines carry ``"event": "eval"``.
+by channel), ``compute_s``, ``comm_s``, ``grad_norm``, ``skipped`` (true: some rank saw a
+non-finite loss or gradient norm, so no rank updated; ``loss`` may then be NaN) and
+``skipped_total`` (skipped steps so far in this process); evaluation lines carry
+``"event": "eval"`` (none with ``data.eval_fraction=0``).
 
 When ``tensorboard`` is installed (``pip install commtrain[dashboards]``), rank 0 also
 writes TensorBoard event files into ``<out_dir>`` beside ``metrics.jsonl`` (``tensorboard
 --logdir runs/`` then shows every run): ``train/loss``, ``train/lr``, ``time/step_s``,
 ``time/comm_s``, ``time/compute_s``, ``throughput/tokens_per_s``,
-``wire_bytes/<channel>`` (rank 0's bytes) and ``eval/loss``. ``COMMTRAIN_TENSORBOARD=0``
+``wire_bytes/<channel>`` (rank 0's bytes), ``train/skipped`` and ``eval/loss``. ``COMMTRAIN_TENSORBOARD=0``
 turns them off.
 """
 from __future__ import annotations
@@ -84,6 +87,8 @@ class MetricsLogger:
                          ("tokens_per_s", "throughput/tokens_per_s")):
             if isinstance(r.get(key), (int, float)):
                 self.tb.add_scalar(tag, r[key], step)
+        if "skipped" in r:
+            self.tb.add_scalar("train/skipped", float(bool(r["skipped"])), step)
         for channel, nbytes in (r.get("wire_bytes") or {}).items():
             self.tb.add_scalar(f"wire_bytes/{channel}", nbytes, step)
 
@@ -130,8 +135,8 @@ def summary_line(rows: list[dict[str, Any]], out_dir) -> str:
 
     ``steps`` trained; ``tokens/s`` = all tokens / all step time; ``wire/step``: the bytes
     all ranks together sent per step, by channel (mean over steps; channels that never
-    carried a byte are left out); the final eval loss; where the newest checkpoint (the
-    weights) is and how to export it.
+    carried a byte are left out); skipped (non-finite) steps, if any; the final eval loss;
+    where the newest checkpoint (the weights) is and how to export it.
     """
     steps = [r for r in rows if "event" not in r]
     if not steps:
@@ -147,6 +152,9 @@ def summary_line(rows: list[dict[str, Any]], out_dir) -> str:
                 chans[ch] = chans.get(ch, 0) + n
         used = {ch: n / len(wire) for ch, n in chans.items() if n}
         parts.append("wire/step " + (", ".join(f"{ch} {human_bytes(n)}" for ch, n in used.items()) or "0 B"))
+    skipped = sum(bool(r.get("skipped")) for r in steps)
+    if skipped:
+        parts.append(f"{skipped} step(s) skipped (non-finite loss or gradient norm)")
     evals = [r for r in rows if r.get("event") == "eval" and r.get("eval_loss") is not None]
     if evals:
         parts.append(f"final eval loss {evals[-1]['eval_loss']:.4f}")

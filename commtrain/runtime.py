@@ -1,6 +1,8 @@
 """What surrounds a training run in one process: the process group (from torchrun's
-environment, with a restart-scoped rendezvous store), RNG state, and fault injection for
-the recovery tests. The Trainer (:mod:`commtrain.train`) runs inside :func:`distributed`.
+environment, with a restart-scoped rendezvous store), RNG state, the run's errors
+(:class:`RunError`, the claimed run directory for the error log), stop signals, and fault
+injection for the recovery tests. The Trainer (:mod:`commtrain.train`) runs inside
+:func:`distributed`.
 """
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +22,77 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+
+# -- errors that end a run ------------------------------------------------------------------
+class RunError(RuntimeError):
+    """An error that ends the run, raised on *every* rank together (after a collective
+    agreement, or from a check every rank makes alike). Its message is one complete line --
+    what is wrong, the key and value, what to do -- so only rank 0 prints it."""
+
+
+_run_dir: Path | None = None
+
+
+def claim_run_dir(path: str | os.PathLike | None) -> None:
+    """Record the run directory this process now writes (None: none yet). Errors are logged
+    there (``error.log``); before a run owns its directory, nothing is written into it."""
+    global _run_dir
+    _run_dir = None if path is None else Path(path)
+
+
+def claimed_run_dir() -> Path | None:
+    return _run_dir
+
+
+# -- stop signals ----------------------------------------------------------------------------
+class StopSignals:
+    """SIGTERM/SIGINT ask the run to stop at the next step boundary (the trainer agrees on it
+    across ranks, saves a checkpoint and returns). The same request often arrives twice at
+    once (Ctrl-C reaches torchrun and its workers, and torchrun then forwards it): a repeat
+    within ``REPEAT_S`` is ignored; a later one acts as usual (SIGINT: KeyboardInterrupt,
+    SIGTERM: terminate). Installed only in the main thread; ``close`` restores the handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_S = 2.0
+
+    def __init__(self):
+        self.received: int | None = None
+        self._at = 0.0
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._at = signum, now
+            log.warning("received %s: stopping after this step (checkpoint, then exit); send it again to abort",
+                        signal.Signals(signum).name)
+            return
+        if now - self._at < self.REPEAT_S:
+            return
+        self.close()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)  # the default action, now restored
+
+    @property
+    def name(self) -> str | None:
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 # -- process group ------------------------------------------------------------------------
@@ -107,6 +182,38 @@ def maybe_inject_fault(step: int, rank: int) -> None:
         os._exit(17)
 
 
+def nonfinite_steps() -> tuple[set[int] | None, int | None, int]:
+    """Fault injection for the non-finite guard: ``COMMTRAIN_NONFINITE_STEPS`` = step numbers
+    (1-based, as in the metrics) like ``5`` or ``3,7`` or ``5-`` (5 and every later one);
+    ``COMMTRAIN_NONFINITE_RANK`` (default 0) is the rank whose gradients turn NaN. Returns
+    (steps or None, first open-ended step or None, rank)."""
+    spec = os.environ.get("COMMTRAIN_NONFINITE_STEPS")
+    if not spec:
+        return None, None, 0
+    steps, start = set(), None
+    for part in spec.split(","):
+        part = part.strip()
+        if part.endswith("-"):
+            start = int(part[:-1])
+        elif part:
+            steps.add(int(part))
+    return steps, start, int(os.environ.get("COMMTRAIN_NONFINITE_RANK", "0"))
+
+
+def inject_nonfinite_grads(params, rank: int, current_step) -> list:
+    """Register hooks that turn this rank's gradients NaN at the steps of
+    :func:`nonfinite_steps` (``current_step()`` gives the 1-based step being computed).
+    Registered before the gradient sync's own hooks, so the NaN is what gets reduced."""
+    steps, start, at_rank = nonfinite_steps()
+    if steps is None or rank != at_rank:
+        return []
+
+    def poison(p):
+        s = current_step()
+        if s in steps or (start is not None and s >= start):
+            p.grad.fill_(float("nan"))
+
+    return [p.register_post_accumulate_grad_hook(poison) for p in params if p.requires_grad]
 
 
 class RNGState:

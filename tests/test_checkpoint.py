@@ -68,3 +68,48 @@ def test_no_arbitrary_pickle(tmp_path):
     ck.save(2, {"obj": Evil()})  # saving works, but loading refuses non-tensor objects
     step, _ = ck.load_latest()
     assert step == 1
+
+
+# -- issue 13: never a non-finite checkpoint, never a fresh start over unverifiable ones --------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_state_is_never_written(tmp_path, bad):
+    from commtrain.checkpoint import NonFiniteStateError
+
+    ck = Checkpointer(tmp_path, keep=1)
+    good = ck.save(1, _state(1))
+    state = _state(2)
+    state["model"]["w"][1, 2] = bad
+    with pytest.raises(NonFiniteStateError) as e:
+        ck.save(2, state)
+    assert "model.w" in str(e.value) and str(good) in str(e.value)  # names the tensor and the last good one
+    assert [p.name for p in ck.list()] == ["step_00000001"]  # keep=1 did not rotate the good one away
+    assert not list(tmp_path.glob(".step_*"))  # nothing half-written either
+    assert ck.load_latest()[0] == 1
+
+
+def test_integer_and_non_tensor_state_is_not_checked_for_finiteness(tmp_path):
+    ck = Checkpointer(tmp_path)
+    ck.save(1, {"ids": torch.arange(4), "meta": {"x": float("nan")}, "rng": torch.get_rng_state()})
+    assert ck.load_latest()[0] == 1
+
+
+def test_no_verifiable_checkpoint_is_an_error_naming_the_files(tmp_path):
+    ck = Checkpointer(tmp_path, keep=3)
+    a, b = ck.save(2, _state(2)), ck.save(4, _state(4))
+    (a / "rank0.pt").write_bytes(b"garbage")
+    (b / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_latest()
+    msg = str(e.value)
+    assert "none of the 2 checkpoint(s)" in msg and str(a / "rank0.pt") in msg and str(b / "manifest.json") in msg
+    assert "--overwrite" in msg and "\n" not in msg
+    assert (a / "rank0.pt").read_bytes() == b"garbage"  # nothing touched
+
+
+def test_fingerprint_is_recorded_and_checked(tmp_path):
+    ck = Checkpointer(tmp_path, fingerprint="aaaa")
+    path = ck.save(1, _state(1))
+    assert json.loads((path / "manifest.json").read_text())["fingerprint"] == "aaaa"
+    assert Checkpointer(tmp_path, fingerprint="aaaa").load_latest()[0] == 1
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        Checkpointer(tmp_path, fingerprint="bbbb").load_latest()

@@ -88,3 +88,73 @@ def test_explicit_bandwidth_and_latency_build_a_link():
         load_config(TINY, ["link.profile=1gbit", "link.bandwidth=1gbit"]).validate(world_size=1)
     with pytest.raises(ConfigError, match="300mb"):
         load_config(TINY, ["link.bandwidth=300mb"]).validate(world_size=1)
+
+
+# -- issue 13: config that reads like YAML; everything the run needs checked at start-up --------
+def test_floats_as_users_write_them(tmp_path):
+    cfg = load_config(TINY, ["train.lr=1e-3", "train.weight_decay=.5", "train.grad_clip=.5e0",
+                             "timeout_s=3E2"])
+    assert cfg.train.lr == 1e-3 and cfg.train.weight_decay == 0.5 and cfg.train.grad_clip == 0.5
+    assert cfg.timeout_s == 300.0 and type(cfg.train.lr) is float
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\n  weight_decay: .5\n  grad_clip: 1\ncompression:\n  grad: none\n")
+    cfg = load_config(f)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (3e-4, 0.5, 1.0)
+    cfg.validate(world_size=1)
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-inf", "nan", ".nan", "1e999"])
+def test_non_finite_lr_is_rejected(value):
+    with pytest.raises(ConfigError, match=r"train\.lr=.* is invalid; allowed: a finite number > 0"):
+        load_config(TINY, [f"train.lr={value}"]).validate(world_size=1)
+
+
+def test_data_path_list_form(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first file " * 50)
+    b.write_text("second file " * 50)
+    cfg = load_config(TINY, ["data.source=files", f"data.path=[{a},{b}]"])
+    assert cfg.data.path == [str(a), str(b)]
+    cfg.validate(world_size=1)
+    assert load_config(TINY, ["data.source=files", f"data.path={a}"]).data.path == str(a)
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(TINY, ["data.source=files", "data.path=[1, 2]"])
+
+
+def test_missing_data_files_are_found_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="data.path='/nonexistent/x.txt' does not exist"):
+        load_config(TINY, ["data.source=files", "data.path=/nonexistent/x.txt"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match="data.path=None is invalid"):
+        load_config(TINY, ["data.source=files"]).validate(world_size=2)
+
+
+def test_resume_modes_and_the_old_booleans():
+    assert load_config(TINY).resume == "auto"
+    assert load_config(TINY, ["resume=true"]).resume == "auto"
+    assert load_config(TINY, ["resume=false"]).resume == "never"
+    for mode in ("auto", "never", "must"):
+        assert load_config(TINY, [f"resume={mode}"]).validate(world_size=1).resume == mode
+    with pytest.raises(ConfigError, match="resume='sometimes' is invalid; allowed: auto, never, must"):
+        load_config(TINY, ["resume=sometimes"]).validate(world_size=1)
+
+
+def test_nonfinite_policy_keys():
+    cfg = load_config(TINY, ["train.nonfinite=stop", "train.max_nonfinite_steps=2"]).validate(world_size=1)
+    assert (cfg.train.nonfinite, cfg.train.max_nonfinite_steps) == ("stop", 2)
+    with pytest.raises(ConfigError, match="train.nonfinite='ignore' is invalid; allowed: skip, stop"):
+        load_config(TINY, ["train.nonfinite=ignore"]).validate(world_size=1)
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps=0"):
+        load_config(TINY, ["train.max_nonfinite_steps=0"]).validate(world_size=1)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("compression.act=powersgd", "compression.act='powersgd' is invalid"),
+    ("compression.act_grad=powersgd", "compression.act_grad='powersgd' is invalid"),
+])
+def test_codec_channel_pairings_refused_with_the_reason(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(TINY, [override, "parallel.pp=2", "parallel.microbatches=2"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match="PowerSGD's low-rank factors"):
+        load_config(TINY, ["zero.stage=2", "compression.grad=powersgd"]).validate(world_size=2)
+    with pytest.raises(ConfigError, match="compression.param='powersgd' is invalid"):
+        load_config(TINY, ["zero.stage=2", "compression.param=powersgd"]).validate(world_size=2)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from commtrain.config import CONFIG_DIR
 from commtrain.metrics import read_metrics
@@ -114,3 +115,186 @@ def test_hf_checkpoint_fine_tunes_in_a_pipeline(tmp_path):
         env={"HF_HUB_OFFLINE": "1"})
     ls = losses(tmp_path / "run")
     assert len(ls) == 6 and ls[-1] < ls[0]
+
+
+# -- issue 13: never lose or mix up a run --------------------------------------------------------
+def launch(tmp, nproc, *sets, env=None, extra=(), timeout=240):
+    """``commtrain train --nproc N`` (torchrun in-process, its own failure report left out)."""
+    cmd = [sys.executable, "-m", "commtrain", "train", "--nproc", str(nproc), *extra, "--config", str(TINY),
+           "--set", f"out_dir={tmp}", "--set", "train.progress=false", "--set", "timeout_s=60"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def stderr_lines(r):
+    return [line for line in r.stderr.splitlines() if line.strip()]
+
+
+def snapshot(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def ckpt_steps(d):
+    return sorted(int(p.name[5:]) for p in (Path(d) / "checkpoints").glob("step_*"))
+
+
+def shard(d, step, rank=0):
+    return torch.load(Path(d) / "checkpoints" / f"step_{step:08d}" / f"rank{rank}.pt", weights_only=True)
+
+
+def all_finite(state):
+    if torch.is_tensor(state):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
+
+
+def test_end_checkpoint_other_run_refused_steps_may_grow(tmp_path):
+    """25 steps with checkpoint_every=10 leave step 25; a second run with another lr (or
+    lr=inf) into the same out_dir is refused in one line, the first run's files untouched;
+    raising train.steps resumes, the lr decaying from its value at the resume point."""
+    sets = ("train.steps=25", "train.checkpoint_every=10", "train.eval_every=0")
+    run(tmp_path, 2, *sets)
+    assert ckpt_steps(tmp_path) == [10, 20, 25]
+    assert shard(tmp_path, 25)["step"] == 25
+    before = snapshot(tmp_path)
+    for other, needle in (("train.lr=1e-3", "train.lr: 0.003 -> 0.001"),
+                          ("train.lr=inf", "train.lr=inf is invalid; allowed: a finite number > 0")):
+        r = launch(tmp_path, 2, *sets, other)
+        assert r.returncode == 2 and len(stderr_lines(r)) == 1 and needle in r.stderr, r.stderr
+        assert snapshot(tmp_path) == before  # refused before anything was written
+    assert all(all_finite(shard(tmp_path, s, r)) for s in ckpt_steps(tmp_path) for r in (0, 1))
+    # Allowed change: more steps. The cosine had reached its floor at 25, so it stays there.
+    r = run(tmp_path, 2, "train.steps=28", "train.checkpoint_every=10", "train.eval_every=0")
+    assert "resumed from" in r.stderr and "step_00000025" in r.stderr and "train.steps" in r.stderr
+    rows = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "event" not in m]
+    assert [m["step"] for m in rows] == list(range(1, 29))
+    assert [m["lr"] for m in rows[25:]] == pytest.approx([0.1 * 3e-3] * 3)
+    assert ckpt_steps(tmp_path)[-1] == 28
+
+
+def test_nonfinite_gradients_in_one_pipeline_stage_skip_every_rank_then_stop(tmp_path):
+    """NaN gradients on stage 0 only (rank 0) at steps 3 and 5, 6: every rank skips those
+    updates (stage 1's finite gradients too), step 4 trains; the second run of skips hits
+    max_nonfinite_steps=2 and stops with one line; every checkpoint on disk is finite."""
+    sets = ("parallel.pp=2", "parallel.microbatches=2", "data.max_bytes=20000", "train.steps=10",
+            "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.max_nonfinite_steps=2",
+            "train.eval_every=0")
+    r = launch(tmp_path, 2, *sets, env={"COMMTRAIN_NONFINITE_STEPS": "3,5-", "COMMTRAIN_NONFINITE_RANK": "0"})
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in stderr_lines(r) if line.startswith("commtrain:")]
+    assert len(errors) == 1 and "train.nonfinite=skip: stopped after step 6" in errors[0], r.stderr
+    assert "max_nonfinite_steps=2" in errors[0] and "step_00000006" in errors[0]
+    for name in ("metrics.jsonl", "metrics_rank1.jsonl"):
+        rows = [m for m in read_metrics(tmp_path / name) if "event" not in m]
+        assert [m["skipped"] for m in rows] == [False, False, True, False, True, True], name
+        assert [m["skipped_total"] for m in rows] == [0, 0, 1, 1, 2, 3]
+    assert ckpt_steps(tmp_path) == [2, 4, 6]
+    for rank in (0, 1):  # both stages: step 5 and 6 left the weights and optimizer state as step 4 did
+        s4, s6 = shard(tmp_path, 4, rank), shard(tmp_path, 6, rank)
+        assert all_finite(s4) and all_finite(s6)
+        assert all(torch.equal(s4["model"][k], s6["model"][k]) for k in s4["model"])
+        assert repr(s4["sync"]["optimizer"]["state"]) == repr(s6["sync"]["optimizer"]["state"])
+
+
+def test_sigterm_to_one_rank_saves_at_a_step_boundary_and_resumes(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_port()}", "-m", "commtrain", "train", "--config", str(TINY), "--set", f"out_dir={tmp_path}",
+           "--set", "train.progress=false", "--set", "timeout_s=60", "--set", "train.steps=2000",
+           "--set", "train.eval_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        rank1 = next(pid for pid in _children(proc.pid) if _env(pid).get("RANK") == "1")
+        os.kill(rank1, signal.SIGTERM)  # one rank only: the ranks must agree to stop
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = [m for m in read_metrics(metrics) if "event" not in m]
+    stop = rows[-1]["step"]
+    assert 3 <= stop < 2000 and f"stopped by a signal on another rank after step {stop}" in out
+    assert ckpt_steps(tmp_path) == [stop]
+    r = run(tmp_path, 2, "resume=must", f"train.steps={stop + 2}", "train.eval_every=0")
+    assert f"step_{stop:08d}" in r.stderr and "resumed from" in r.stderr
+    assert [m["step"] for m in read_metrics(metrics) if "event" not in m] == list(range(1, stop + 3))
+
+
+def _children(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _env(pid):
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def single(tmp, *sets, env=None, extra=()):
+    """One process, no torchrun."""
+    cmd = [sys.executable, "-m", "commtrain", "train", *extra, "--config", str(TINY), "--set", f"out_dir={tmp}",
+           "--set", "train.progress=false"]
+    for s in sets:
+        cmd += ["--set", s]
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**base, **(env or {})})
+
+
+def test_unverifiable_checkpoints_refuse_a_fresh_start(tmp_path):
+    r = single(tmp_path, "train.steps=4", "train.checkpoint_every=2")
+    assert r.returncode == 0, r.stderr
+    for s in ckpt_steps(tmp_path):
+        p = tmp_path / "checkpoints" / f"step_{s:08d}" / "rank0.pt"
+        p.write_bytes(p.read_bytes()[:-10])  # truncated
+    before = snapshot(tmp_path / "checkpoints")
+    r = single(tmp_path, "train.steps=6")
+    assert r.returncode == 2
+    err = [line for line in stderr_lines(r) if line.startswith("commtrain:")]
+    assert len(err) == 1 and "none of the 2 checkpoint(s)" in err[0] and "step_00000004/rank0.pt is truncated" in err[0]
+    assert "--overwrite" in err[0] and snapshot(tmp_path / "checkpoints") == before
+    assert "CheckpointError" in (tmp_path / "error.log").read_text()  # the full traceback is kept
+    # The way out the message names: the damaged run is moved aside, not deleted.
+    r = single(tmp_path, "train.steps=2", "resume=never", extra=["--overwrite"])
+    assert r.returncode == 0, r.stderr
+    aside = [p for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name + ".old-")]
+    assert len(aside) == 1 and snapshot(aside[0] / "checkpoints") == before
+
+
+def test_nonfinite_stop_policy_and_eval_off(tmp_path):
+    r = single(tmp_path / "stop", "train.nonfinite=stop", "train.steps=5",
+               env={"COMMTRAIN_NONFINITE_STEPS": "2"})
+    assert r.returncode == 2 and "train.nonfinite=stop: stopped after step 2" in r.stderr
+    assert ckpt_steps(tmp_path / "stop") == [2] and all_finite(shard(tmp_path / "stop", 2))
+    r = single(tmp_path / "off", "data.eval_fraction=0", "train.steps=3", "train.eval_every=1")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "off" / "metrics.jsonl").read_text()
+    assert "eval" not in text and "NaN" not in text and "eval loss" not in r.stdout
+
+
+def test_pipeline_eval_split_is_checked_at_start_up(tmp_path):
+    r = launch(tmp_path, 2, "parallel.pp=2", "parallel.microbatches=2", "data.max_bytes=20000",
+               "data.eval_fraction=0.001")
+    assert r.returncode == 2 and len(stderr_lines(r)) == 1, r.stderr
+    assert "data.eval_fraction=0.001 gives a held-out split of 1 sequence(s)" in r.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # found before the first step
+
+
+def test_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    assert single(tmp_path, "train.steps=4", "train.eval_every=0").returncode == 0
+    r = single(tmp_path, "train.steps=2")
+    assert r.returncode == 2 and "train.steps=2 is below the step of the checkpoint to resume (4" in r.stderr
+    r = single(tmp_path, "train.steps=4", "resume=must")  # the finished run: nothing to train, nothing rewritten
+    assert r.returncode == 0 and "resumed from" in r.stderr and "done: 4 steps" in r.stdout

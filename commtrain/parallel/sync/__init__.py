@@ -5,10 +5,17 @@ The trainer talks to exactly one :class:`GradSync` per run, whatever the strateg
     sync.begin_step(step)                 # arm the backward hooks (buckets reduce as they fill)
     with sync.no_sync(): loss.backward()  # accumulation backwards only accumulate
     loss.backward()                       # the last backward launches the reductions
-    stats = sync.step(max_grad_norm)      # finish reducing, clip, update -> {"grad_norm", ...}
+    stats = sync.step(max_grad_norm, veto)  # finish reducing, clip, update -> {"grad_norm", "skipped", ...}
     sync.zero_grad()
     ...
     sync.finalize()                       # after the last step: every replica holds the final model
+
+``veto`` (optional) is called once per step with the global gradient norm (a 0-d tensor,
+of the averaged gradient before clipping), after the reduction and before anything is
+updated; when it returns True the step is *skipped*: no clipping, no optimizer step, no
+parameter gather -- optimizer state (and ZeRO's master shard) stay as they were, and
+``stats["skipped"]`` is True. The trainer's non-finite guard uses it (it must be called on
+every rank of the group: the trainer's veto is itself a collective).
 
 ``param_groups`` are the optimizer's (the lr schedule writes them); ``state_dict()`` holds the
 optimizer state, the gradient-compression state (EF residuals, PowerSGD factors, codec RNG)
@@ -37,6 +44,7 @@ from ...registry import Registry
 from ...validate import ConfigError, choice, integer, positive
 
 SYNCS: Registry[Callable[..., "GradSync"]] = Registry("gradient sync")
+Veto = Callable[[torch.Tensor], bool]  # global grad norm -> skip this step's update?
 
 
 @runtime_checkable
@@ -48,7 +56,7 @@ class GradSync(Protocol):
 
     def no_sync(self) -> ContextManager[None]: ...
 
-    def step(self, max_grad_norm: float = 0.0) -> dict[str, float]: ...
+    def step(self, max_grad_norm: float = 0.0, veto: Veto | None = None) -> dict[str, Any]: ...
 
     def zero_grad(self) -> None: ...
 
@@ -141,5 +149,5 @@ from .data_parallel import DataParallel, GradReducer  # noqa: E402
 from .diloco import DiLoCo  # noqa: E402
 from .zero import ZeroConfig, ZeroSync  # noqa: E402
 
-__all__ = ["DataParallel", "DiLoCo", "GradReducer", "GradSync", "SYNCS", "SyncConfig", "ZeroConfig", "ZeroSync",
-           "build_sync"]
+__all__ = ["DataParallel", "DiLoCo", "GradReducer", "GradSync", "SYNCS", "SyncConfig", "Veto", "ZeroConfig",
+           "ZeroSync", "build_sync"]

@@ -31,7 +31,7 @@ import torch
 
 from ..buckets import Bucket, build_buckets
 from ..compression import CompressionConfig, GradCompression
-from . import SYNCS, grad_norm
+from . import SYNCS, Veto, clip_, grad_norm
 
 
 class GradReducer:
@@ -179,16 +179,20 @@ class DataParallel:
     def no_sync(self):
         return self.reducer.no_sync()
 
-    def step(self, max_grad_norm: float = 0.0) -> dict[str, float]:
+    def step(self, max_grad_norm: float = 0.0, veto: Veto | None = None) -> dict[str, Any]:
         self.reducer.finish()  # wait for the buckets still in flight; .grad is now the mean
         # Peak gradient memory of this strategy: full gradients + the reducer's flat copy.
         self._peak_grad_bytes = max(self._peak_grad_bytes, self._grad_bytes() + self.reducer.comm_buffer_bytes())
-        if max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-        else:
-            norm = grad_norm((p.grad for p in self.params if p.grad is not None), self.params[0].device)
-        self.optimizer.step()
-        return {"grad_norm": float(norm), **self.compression.stats()}
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # The norm first and the clip after (clip_grad_norm_ in two halves), so that a veto
+        # sees the norm before any gradient or state changes.
+        norm = _total_norm(grads, self.params[0].device) if max_grad_norm > 0 else \
+            grad_norm(grads, self.params[0].device)
+        skipped = bool(veto(norm)) if veto is not None else False
+        if not skipped:
+            _clip(self.params, grads, norm, max_grad_norm)
+            self.optimizer.step()
+        return {"grad_norm": float(norm), "skipped": skipped, **self.compression.stats()}
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -216,6 +220,23 @@ class DataParallel:
 
     def _grad_bytes(self) -> int:
         return sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+
+
+def _total_norm(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """``clip_grad_norm_``'s norm (torch >= 2.6 exposes it alone; else our fp32 one)."""
+    get = getattr(torch.nn.utils, "get_total_norm", None)
+    return get(grads) if get is not None else grad_norm(grads, device)
+
+
+def _clip(params, grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """``clip_grad_norm_``'s scaling with a norm computed before (bit-identical to it)."""
+    if max_norm <= 0:
+        return
+    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+    if clip is not None:
+        clip(params, max_norm, norm)
+    else:
+        clip_(grads, norm, max_norm)
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:

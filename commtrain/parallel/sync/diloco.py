@@ -54,7 +54,7 @@ import torch
 
 from ..buckets import Bucket, build_buckets
 from ..compression import CompressionConfig, GradCompression
-from . import SYNCS, SyncConfig, clip_, grad_norm
+from . import SYNCS, SyncConfig, Veto, clip_, grad_norm
 
 FORMAT = "commtrain.diloco/1"
 
@@ -94,15 +94,19 @@ class DiLoCo:
         return self.optimizer.param_groups
 
     def begin_step(self, step: int) -> None:
-        self.inner_steps = int(step)
+        pass  # the outer schedule counts inner steps taken (a vetoed step is none)
 
     def no_sync(self):
         return contextlib.nullcontext()  # inner steps never communicate
 
-    def step(self, max_grad_norm: float = 0.0) -> dict[str, Any]:
+    def step(self, max_grad_norm: float = 0.0, veto: Veto | None = None) -> dict[str, Any]:
         """One inner step (local clip + inner optimizer), then the outer-loop work due now:
-        apply syncs whose delay has passed, start the sync of the fragment whose turn it is."""
+        apply syncs whose delay has passed, start the sync of the fragment whose turn it is.
+        A vetoed step (the caller's agreed non-finite guard) changes nothing, the outer
+        schedule included: it does not count as an inner step."""
         norm = grad_norm((p.grad for p in self.params if p.grad is not None), self.params[0].device)
+        if veto is not None and veto(norm):
+            return {"grad_norm": float(norm), "skipped": True, **self.compression.stats()}
         clip_([p.grad for p in self.params if p.grad is not None], norm, max_grad_norm)
         self.optimizer.step()
         self.inner_steps += 1
@@ -114,7 +118,7 @@ class DiLoCo:
             self._start(f)
             if self.tau == 0:
                 events.append(self._finish(self._inflight[-1]))
-        stats: dict[str, Any] = {"grad_norm": float(norm), **self.compression.stats()}
+        stats: dict[str, Any] = {"grad_norm": float(norm), "skipped": False, **self.compression.stats()}
         if events:
             stats["outer_syncs"] = events
         return stats

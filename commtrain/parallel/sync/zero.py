@@ -49,7 +49,7 @@ from ...compress import build_codec
 from ...validate import ConfigError, choice, integer
 from ..buckets import build_buckets
 from ..compression import CompressionConfig, GradCompression
-from . import SYNCS, clip_, grad_norm
+from . import SYNCS, Veto, clip_, grad_norm
 
 FORMAT = "commtrain.zero/1"
 
@@ -138,9 +138,11 @@ class ZeroSync:
         finally:
             self._armed = armed
 
-    def step(self, max_grad_norm: float = 0.0) -> dict[str, float]:
+    def step(self, max_grad_norm: float = 0.0, veto: Veto | None = None) -> dict[str, Any]:
         """Reduce the gradients still pending, (clip,) update the shard, gather parameters.
-        Returns ``grad_norm`` (of the averaged gradient, before clipping) and compression stats."""
+        Returns ``grad_norm`` (of the averaged gradient, before clipping), ``skipped`` and
+        compression stats. ``veto(norm)`` True: no clip, no update, no gather (the master
+        shard, optimizer state and parameters stay as they were)."""
         self._armed = False
         self.launched_in_backward = self._launched  # buckets already reduce-scattering when backward ended
         if self.stage == 2:
@@ -150,11 +152,13 @@ class ZeroSync:
         else:
             self._all_reduce_full()
         norm = self._grad_norm()
-        clip_(self._own_grads(), norm, max_grad_norm)
-        self.optimizer.step()
-        self._gather_params(self.step_count >= self.compression.cfg.warmup_steps)
+        skipped = bool(veto(norm)) if veto is not None else False
+        if not skipped:
+            clip_(self._own_grads(), norm, max_grad_norm)
+            self.optimizer.step()
+            self._gather_params(self.step_count >= self.compression.cfg.warmup_steps)
         self.step_count += 1
-        return {"grad_norm": float(norm), **self.compression.stats()}
+        return {"grad_norm": float(norm), "skipped": skipped, **self.compression.stats()}
 
     def zero_grad(self) -> None:
         for p in self.params:
