@@ -3,6 +3,7 @@ and per-step PowerSGD rank 4, on the fine-tuning setting of ``benchmarks/finetun
 
     python benchmarks/outer_sync.py run                       # all rows: quality x 3 seeds, sim 100 Mbit/s, real tc link
     python benchmarks/outer_sync.py run --rows "DiLoCo H=32 top-k 1% 2-bit + EF" --no-real
+    python benchmarks/outer_sync.py timing --steps 64 --pairs 3   # the timing targets, paired A B A B
     python benchmarks/outer_sync.py report                    # table + targets from the JSON
 
 Every row fine-tunes the cached base model (``finetune.py pretrain``) on the Shakespeare corpus
@@ -16,6 +17,12 @@ DP step). Per row, in one invocation:
   seed-0 quality run (the pair whose step times are compared);
 * **real 100 Mbit/s** (root only): seed 0 in two network namespaces joined by a ``tc tbf``
   100 Mbit/s link (``launch/netns.py``), no simulated throttle.
+
+``timing`` re-measures the two timing targets in interleaved pairs (this machine's load
+drifts within minutes, so a single pair can mislead): ``--pairs`` times (target row
+unthrottled, target row at the simulated 100 Mbit/s), then ``--pairs`` times (target row,
+PowerSGD rank 4) on the real 100 Mbit/s link; per pair the ratio, reported as median and
+range.
 
 Figures per run: bytes per inner step = every byte the rank metered (all steps plus the final
 sync) / steps, averaged over ranks; whole-run mean step time = (sum of step times + the final
@@ -190,7 +197,9 @@ def model_check(data: dict, args) -> str:
 # -- main --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["run", "report"])
+    ap.add_argument("stage", choices=["run", "timing", "report"])
+    ap.add_argument("--pairs", type=int, default=3, help="timing: interleaved pairs per comparison")
+    ap.add_argument("--comparisons", default="sim,real", help="timing: which of sim,real to measure")
     ap.add_argument("--rows", nargs="*", default=ROWS, help="rows of finetune.py's ROWS table")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--no-real", action="store_true", help="skip the real tc-shaped link rows")
@@ -225,12 +234,51 @@ def main(argv=None) -> int:
                 else:
                     rec["real100"] = run(name, 0, base, args, f"real:{args.real_rate}")
             path.write_text(json.dumps(data, indent=1))
+    if args.stage == "timing":
+        base = ft.pretrain(ft_args)
+        comparisons = {"sim": [(TARGET_ROW, "none"), (TARGET_ROW, args.sim_link)]}
+        if not args.no_real and os.geteuid() == 0:
+            comparisons["real"] = [(TARGET_ROW, f"real:{args.real_rate}"), (POWERSGD, f"real:{args.real_rate}")]
+        wanted = set(args.comparisons.split(","))
+        data.setdefault("timing", {})
+        for key, (a, b) in [(k, v) for k, v in comparisons.items() if k in wanted]:
+            pairs = []
+            for _ in range(args.pairs):  # A B A B ...: each pair's ratio is taken under the same load
+                ra, rb = run(a[0], 0, base, args, a[1]), run(b[0], 0, base, args, b[1])
+                pairs.append(dict(a=ra["mean_step_s"], b=rb["mean_step_s"], ratio=rb["mean_step_s"] / ra["mean_step_s"],
+                                  a_median=ra["median_step_s"], b_median=rb["median_step_s"]))
+            data["timing"][key] = dict(a=list(a), b=list(b), runs=pairs, steps=args.steps)
+        path.write_text(json.dumps(data, indent=1))
     print(table(data))
     print()
     print(targets(data))
     print()
     print(model_check(data, args))
+    print()
+    print(timing_table(data))
     return 0
+
+
+def timing_table(data: dict) -> str:
+    t = data.get("timing")
+    if not t:
+        return ""
+    lines = ["Paired timing (seed 0; mean step time over the whole run, each pair run back to back):", "",
+             "| comparison | steps per run | A | B | pairs: B / A (s) | median B/A | range | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    targets = {"sim": ("<= 1.1x", lambda r: r <= 1.1), "real": ("< 1.0x (faster than PowerSGD)", lambda r: r > 1.0)}
+    for key, c in t.items():
+        ratios = [p["ratio"] for p in c["runs"]]
+        med = statistics.median(ratios)
+        label, ok = targets[key]
+        if key == "real":  # B is PowerSGD: the target row is faster iff B / A > 1
+            verdict = f"DiLoCo / PowerSGD = {1 / med:.3f}x -> {'met' if ok(med) else 'MISSED'}"
+        else:
+            verdict = f"{label}: {'met' if ok(med) else 'MISSED'}"
+        each = ", ".join("%.3f/%.3f" % (p["b"], p["a"]) for p in c["runs"])
+        lines.append(f"| {key} | {c['steps']} | {c['a'][0]} @ {c['a'][1]} | {c['b'][0]} @ {c['b'][1]} | {each} | {med:.3f}x | "
+                     f"{min(ratios):.3f}..{max(ratios):.3f} | {verdict} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

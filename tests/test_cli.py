@@ -1,6 +1,7 @@
 """The command line: subcommands other than train (train is covered by test_config/test_train)."""
 import pytest
 
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.cli import main
 
 
@@ -31,7 +32,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = CONFIG_DIR / "tiny.yaml"
 
 
 def _free_port():

@@ -3,13 +3,14 @@ import os
 
 import pytest
 
+from commtrain.config import CONFIG_DIR  # noqa: E402
 from commtrain.config import load_config
 from commtrain.export import write_run_config
 from commtrain.rundir import MAY_CHANGE_ON_RESUME, differences, fingerprint, plan
 from commtrain.runtime import RunError
 from pathlib import Path
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = CONFIG_DIR / "tiny.yaml"
 
 
 def resolved(*sets):
