@@ -1,7 +1,7 @@
 """The command line: subcommands other than train (train is covered by test_config/test_train)."""
 import pytest
 
-from commtrain.config import CONFIG_DIR  # noqa: E402
+from commtrain.config import CONFIG_DIR
 from commtrain.cli import main
 
 

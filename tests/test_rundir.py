@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from commtrain.config import CONFIG_DIR  # noqa: E402
+from commtrain.config import CONFIG_DIR
 from commtrain.config import load_config
 from commtrain.export import write_run_config
 from commtrain.rundir import MAY_CHANGE_ON_RESUME, differences, fingerprint, plan
