@@ -89,11 +89,15 @@ def _fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Collective save/load: every rank of ``group`` must call :meth:`save` and :meth:`load_latest`."""
 
-    def __init__(self, root: str | os.PathLike, keep: int = 3, group=None, fingerprint: str | None = None):
+    def __init__(self, root: str | os.PathLike, keep: int = 3, group=None, fingerprint: str | None = None,
+                 also_accept: tuple[str, ...] = ()):
         self.root = Path(root)
         self.keep = keep
         self.group = group
         self.fingerprint = fingerprint  # the run's identity (commtrain.rundir), kept in each manifest
+        # Fingerprints of the same run as an older commtrain wrote it (a config key added since
+        # changes the hash, not the run): rundir.plan() has already matched the run's record.
+        self.accepted = {fingerprint, *also_accept}
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.world_size = dist.get_world_size(group) if self.distributed else 1
@@ -163,7 +167,7 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             return None, f"manifest {mf} unreadable ({e})"
         theirs = manifest.get("fingerprint")
-        if self.fingerprint is not None and theirs is not None and theirs != self.fingerprint:
+        if self.fingerprint is not None and theirs is not None and theirs not in self.accepted:
             raise CheckpointError(
                 f"checkpoint {path} belongs to another run (fingerprint {theirs}, this run {self.fingerprint}); "
                 f"point out_dir elsewhere, or start fresh with resume=never --overwrite (moves the old run aside)"

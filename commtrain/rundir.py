@@ -141,6 +141,9 @@ class Plan:
     recorded_steps: int | None = None
     moved_to: str | None = None
     changed: list[str] = dataclasses.field(default_factory=list)  # allowed keys that differ (for the log)
+    # The recorded run's own fingerprint: its checkpoints carry it even where this commtrain's
+    # fingerprint differs only by config keys added since (at their defaults).
+    recorded_fingerprint: str | None = None
 
 
 def plan(out_dir: str | os.PathLike, resolved: dict[str, Any], mode: str, overwrite: bool = False) -> Plan:
@@ -175,7 +178,8 @@ def plan(out_dir: str | os.PathLike, resolved: dict[str, Any], mode: str, overwr
     changed = [k for k in sorted(set(_flatten(record)) & set(_flatten(resolved)))
                if _may_change(k) and k not in ("out_dir", "resume") and _flatten(record)[k] != _flatten(resolved)[k]]
     steps = (record.get("train") or {}).get("steps")
-    return Plan(resume=True, recorded_steps=steps if isinstance(steps, int) else None, changed=changed)
+    return Plan(resume=True, recorded_steps=steps if isinstance(steps, int) else None, changed=changed,
+                recorded_fingerprint=fingerprint(record))
 
 
 def move_aside(out: Path) -> Path:

@@ -136,7 +136,8 @@ class Trainer:
             self.eval_batch_loss = self.pipeline.eval_loss
             self.stateful["pipeline"] = self.pipeline
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=tc.keep_checkpoints,
-                                         fingerprint=fingerprint(cfg.to_dict()))
+                                         fingerprint=fingerprint(cfg.to_dict()),
+                                         also_accept=tuple(filter(None, [self.plan.recorded_fingerprint])))
         self.tokens_per_step = tc.batch_size * tc.seq_len * self.mesh.dp_size
         # One tiny all-reduce per step: mean loss, non-finite veto, stop request (SIGTERM/SIGINT).
         self.guard = StepGuard(self.device, lambda: self.signals.received is not None)

@@ -113,3 +113,5 @@ def test_fingerprint_is_recorded_and_checked(tmp_path):
     assert Checkpointer(tmp_path, fingerprint="aaaa").load_latest()[0] == 1
     with pytest.raises(CheckpointError, match="belongs to another run"):
         Checkpointer(tmp_path, fingerprint="bbbb").load_latest()
+    # The same run recorded by an older commtrain (rundir.plan matched it): accepted.
+    assert Checkpointer(tmp_path, fingerprint="bbbb", also_accept=("aaaa",)).load_latest()[0] == 1

@@ -107,7 +107,11 @@ def test_a_key_the_record_lacks_counts_as_its_default(tmp_path):
     raw = yaml.safe_load((d / "config.yaml").read_text())
     del raw["train"]["weight_decay"]  # e.g. written by an older commtrain
     (d / "config.yaml").write_text(yaml.safe_dump(raw))
-    assert plan(d, resolved().to_dict(), "auto").resume
+    p = plan(d, resolved().to_dict(), "auto")
+    assert p.resume
+    # Its checkpoints carry the older fingerprint (hash without the key): the plan hands it to
+    # the Checkpointer, which accepts it (test_checkpoint: also_accept).
+    assert p.recorded_fingerprint == fingerprint(raw) != fingerprint(resolved().to_dict())
     with pytest.raises(RunError, match="train.weight_decay"):
         plan(d, resolved("train.weight_decay=0.5").to_dict(), "auto")
 
