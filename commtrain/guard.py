@@ -45,8 +45,8 @@ class StepGuard:
         self._agreed = None
 
         def decide(grad_norm: torch.Tensor) -> bool:
-            bad = not (math.isfinite(float(loss)) and bool(torch.isfinite(grad_norm)))
-            bad = bad or (local_nonfinite is not None and local_nonfinite())
+            local = local_nonfinite() if local_nonfinite is not None else False  # always read: it resets
+            bad = local or not (math.isfinite(float(loss)) and bool(torch.isfinite(grad_norm)))
             t = torch.tensor([float(loss), float(bad), float(self.stop_requested())],
                              dtype=torch.float64, device=self.device)
             dist.all_reduce(t)
