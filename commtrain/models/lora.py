@@ -155,12 +155,22 @@ def check_targets(cfg: LoraConfig, gpt_config=None, hf_path: str | None = None) 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base layer and remove the LoRA wrappers (in place)."""
+    return _unwrap(model, merge=True)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove the LoRA wrappers without merging (in place): the frozen base model."""
+    return _unwrap(model, merge=False)
+
+
+def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     from peft.tuners.lora import LoraLayer
 
     root = _target_root(model)
     for name, module in list(root.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge(safe_merge=True)
+            if merge:
+                module.merge(safe_merge=True)
             parent_name, _, child = name.rpartition(".")
             setattr(root.get_submodule(parent_name) if parent_name else root, child, module.get_base_layer())
     if hasattr(root, "peft_config"):
