@@ -95,6 +95,32 @@ class Precision:
         self.dtype = DTYPES[precision]
         self.act_dtype = self.dtype  # pipeline boundaries carry the compute dtype
         self.scaler = LossScaler() if precision == "fp16" else None
+        self._compression = None  # the GradCompression that unscales (fp16), see attach()
+
+    # -- the step, as the trainer calls it (no branches there) ---------------------------------
+    def attach(self, compression) -> None:
+        """fp16: ``compression`` (a GradCompression, or None) unscales every gradient bucket and
+        notes non-finite local values before compressing."""
+        if self.scaler is not None and compression is not None:
+            compression.check_finite = True
+            self._compression = compression
+
+    def begin_step(self) -> None:
+        """Before backward: the scale the loss is multiplied by this step is the one divided out."""
+        if self._compression is not None:
+            self._compression.loss_scale = self.scaler.scale
+
+    def local_nonfinite(self) -> bool:
+        """Did this rank's gradients hold a non-finite value before reduction (fp16; resets)?"""
+        return self._compression.take_overflow() if self._compression is not None else False
+
+    def end_step(self, skipped: bool, loss: float) -> dict[str, Any]:
+        """After the agreed outcome: update the scaler; the metrics' ``loss_scale`` (the scale
+        this step used) and ``overflow`` (fp16 only; empty otherwise)."""
+        if self.scaler is None:
+            return {}
+        scale = self.scaler.scale
+        return {"loss_scale": scale, "overflow": self.overflowed(skipped, loss)}
 
     def autocast(self):
         if self.name == "fp32":

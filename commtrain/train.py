@@ -123,9 +123,7 @@ class Trainer:
                                bucket_mb=pc.bucket_mb, overlap=pc.overlap, **extra)
         # fp16: the gradient compression unscales each bucket and notes local overflows before
         # any codec sees it (DiLoCo is refused with fp16 at config time: its inner steps reduce nothing).
-        self._grad_compression = getattr(self.sync, "compression", None) if self.precision.scaler else None
-        if self._grad_compression is not None:
-            self._grad_compression.check_finite = True
+        self.precision.attach(getattr(self.sync, "compression", None))
 
         # forward + backward of one batch: the module's own, or the pipeline schedule's.
         self.schedule = WarmupCosine(tc.lr, tc.lr_warmup_steps, tc.steps)
@@ -243,20 +241,17 @@ class Trainer:
         t0 = time.perf_counter()
         waits0 = self._comm_wait_s()
 
-        gc = self._grad_compression
-        if gc is not None:  # fp16: this step's loss scale, divided out of every bucket before compression
-            gc.loss_scale = self.precision.loss_scale
+        self.precision.begin_step()  # fp16: this step's loss scale, divided out of every bucket before compression
         self.sync.begin_step(step)  # arms the backward hooks: buckets reduce as they fill
         loss = self.forward_backward(ids, x, y)  # one batch (a pipeline: its whole schedule)
         # finish reducing, then every rank agrees (one tiny all-reduce): a non-finite loss or
         # gradient norm anywhere (or, fp16, a non-finite local gradient) vetoes the update
         # everywhere; else clip and update.
-        veto = self.guard.veto(loss, gc.take_overflow if gc is not None else None)
+        veto = self.guard.veto(loss, self.precision.local_nonfinite)
         stats = self.sync.step(max_grad_norm=self.cfg.train.grad_clip, veto=veto)
         self.sync.zero_grad()
         agreed = self.guard.outcome()
-        scale = self.precision.loss_scale
-        overflow = self.precision.overflowed(agreed.nonfinite, agreed.loss)  # agreed: same on every rank
+        scaling = self.precision.end_step(agreed.nonfinite, agreed.loss)  # agreed: the same scale on every rank
 
         step_time = time.perf_counter() - t0
         comm_s = self._comm_wait_s() - waits0
@@ -273,7 +268,7 @@ class Trainer:
             "comm_s": comm_s,
             **stats,
             "skipped": agreed.nonfinite,  # the update was vetoed (non-finite loss/grad norm on some rank)
-            **({"loss_scale": scale, "overflow": overflow} if self.precision.scaler is not None else {}),
+            **scaling,  # fp16: loss_scale, overflow
         }
 
     def _after_step(self, record: dict[str, Any], done: int) -> str | None:

@@ -136,6 +136,7 @@ def test_grad_compression_unscales_and_flags_local_overflow():
 
 
 # -- end to end (torchrun, the tiny config) -----------------------------------------------------
+@pytest.mark.slow
 def test_bf16_dp_and_pp2_track_fp32(tmp_path):
     for name, sets in (("dp", GRAD), ("pp", PP2)):
         run(tmp_path / f"{name}32", 2, *sets, "train.eval_every=0")
@@ -155,6 +156,7 @@ def test_bf16_dp_and_pp2_track_fp32(tmp_path):
     assert grads == [2 * mb_elems * 2] * 6
 
 
+@pytest.mark.slow
 def test_fp16_end_to_end_overflow_skips_together(tmp_path):
     env = {"COMMTRAIN_NONFINITE_STEPS": "3", "COMMTRAIN_NONFINITE_RANK": "1", "COMMTRAIN_NONFINITE_VALUE": "inf"}
     run(tmp_path, 2, *GRAD, "train.precision=fp16", "train.nonfinite=stop", "train.eval_every=0", env=env)
