@@ -149,3 +149,21 @@ def test_hf_llama_lora_export_merge_and_adapter(tmp_path, monkeypatch):
         peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
         torch.testing.assert_close(peft_model(input_ids=x).logits, ref, rtol=0, atol=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero.stage=2", "sync.strategy=diloco"])
+def test_lora_with_zero_and_diloco_syncs_only_adapters(tmp_path, strategy):
+    extra = ("sync.inner_steps=3", "sync.overlap=false") if "diloco" in strategy else ()
+    run(tmp_path, 2, *LORA, strategy, *extra, "compression.grad=none")
+    model = build_model(load_config("tiny", ["model.lora.r=8"]).model)
+    adapter_bytes = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = _rows(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    grad = [r["wire_bytes"]["grad"] for r in rows]
+    if "zero" in strategy:  # reduce-scatter of the adapters' gradients, all-gather of their updated shards
+        # (buckets are padded to a multiple of the 2 ranks: a few bytes more than half)
+        for sent in (grad, [r["wire_bytes"]["param"] for r in rows]):
+            assert all(adapter_bytes // 2 <= b <= adapter_bytes // 2 + 64 for b in sent), sent
+    else:  # one all-reduce of the adapters' pseudo-gradients every 3 steps
+        assert sum(grad) == 2 * adapter_bytes

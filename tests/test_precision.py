@@ -22,7 +22,7 @@ from tests.dist_utils import run_ranks
 from test_train import run
 
 # bf16 vs fp32, same seed/data, 6 steps of the tiny config: per-step loss difference bound.
-LOSS_TOL = 0.05
+LOSS_TOL = 0.01  # measured: <= 0.0004 (dp, 4-bit grads) and 0.0003 (pp=2)
 GRAD = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "compression.policy=always")
 PP2 = ("parallel.pp=2", "parallel.microbatches=2", "compression.act=quant:bits=4,group=32")
 
