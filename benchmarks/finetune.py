@@ -74,15 +74,25 @@ ROWS: dict[str, Row] = {
     "fp32": Row(("compression.grad=none",), note="uncompressed reference"),
     "quant 4-bit + EF": Row(("compression.grad=quant:bits=4,group=128", "compression.error_feedback=true"),
                             target=0.01),
-    # Codec rows to come (issue 12, item 2), e.g.:
-    #   "fp16": Row(("compression.grad=fp16",)),
-    #   "quant 8-bit + EF": Row(("compression.grad=quant:bits=8,group=128", "compression.error_feedback=true")),
-    #   "top-k 1% + EF": Row(("compression.grad=topk:ratio=0.01", "compression.error_feedback=true"), target=0.03),
-    #   "PowerSGD rank 4": Row(("compression.grad=powersgd:rank=4", "compression.error_feedback=true"), target=0.02),
-    # Pipeline rows (pp=2, dp=1; the fp32 pipeline reference is a row too):
-    #   "pp2 fp32": Row(("compression.grad=none",), pp=2),
-    #   "pp2 AC-SGD 2/4": Row(("compression.act=quant:bits=2", "compression.act_grad=quant:bits=4"), target=0.02, pp=2,
-    #                         ref="pp2 fp32"),
+    # Every DP gradient codec (issue 12, item 2). Unbiased codecs (fp16, natural, natural_dither)
+    # run as plain codecs; biased ones (quant, top-k) behind error feedback.
+    "fp16": Row(("compression.grad=fp16", "compression.error_feedback=false")),
+    "quant 8-bit + EF": Row(("compression.grad=quant:bits=8,group=128", "compression.error_feedback=true")),
+    "quant 2-bit + EF": Row(("compression.grad=quant:bits=2,group=128", "compression.error_feedback=true")),
+    "natural": Row(("compression.grad=natural", "compression.error_feedback=false")),
+    "natural_dither": Row(("compression.grad=natural_dither", "compression.error_feedback=false")),
+    "top-k 1% + EF": Row(("compression.grad=topk:ratio=0.01", "compression.error_feedback=true"), target=0.03),
+    # Pipeline rows (pp=2, dp=1; the fp32 pipeline is their reference):
+    "pp2 fp32": Row(("compression.grad=none",), pp=2, note="uncompressed pipeline reference"),
+    "pp2 AC-SGD 2/4": Row(("compression.act=quant:bits=2,group=128", "compression.act_grad=quant:bits=4,group=128",
+                           "compression.act_delta=true"), target=0.02, pp=2, ref="pp2 fp32",
+                          note="no warm-up; first visits per compression.act_first"),
+    "pp2 direct 2-bit": Row(("compression.act=quant:bits=2,group=128", "compression.act_grad=quant:bits=4,group=128",
+                             "compression.act_delta=false"), pp=2, ref="pp2 fp32", note="no per-sample buffers"),
+    "pp2 rotated 4-bit": Row(("compression.act=quant:bits=4,group=128,rotate=hadamard",
+                              "compression.act_grad=quant:bits=4,group=128,rotate=hadamard",
+                              "compression.act_delta=false"), pp=2, ref="pp2 fp32",
+                             note="TAH-Quant-style: Hadamard-rotated groups, no buffers"),
     "PowerSGD rank 4": Row(("compression.grad=powersgd:rank=4", "compression.error_feedback=true"), target=0.02),
     # Outer-sync rows (issue 10): no per-step traffic; every H inner steps a pseudo-gradient sync.
     # Plain averaging (outer SGD, lr 1): in this 150-step fine-tune DiLoCo's Nesterov 0.7/0.9

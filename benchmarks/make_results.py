@@ -6,7 +6,7 @@ in a fixed order so that the one results page never goes stale against its sourc
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["foundation", "dp", "pipeline", "perfmodel", "links", "gpu"]
+ORDER = ["foundation", "finetune", "outer_sync", "dp", "pipeline", "perfmodel", "links", "gpu"]
 HEADER = """# Benchmark results
 
 Every figure below was measured with the command printed beside it, as a ratio against an

@@ -33,6 +33,7 @@ from .powersgd import PowerSGDReducer
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "always")
+DENSITY_START = 0.25  # kept fraction at the first compressed step of a density warm-up
 CHANNEL_KEYS = ("grad", "act", "act_grad", "param")
 
 
@@ -46,6 +47,9 @@ class CompressionConfig:
     param: Optional[str] = None  # ZeRO parameter all-gather (None: exact)
     error_feedback: bool = True  # on lossy gradient codecs (and powersgd's own residuals)
     warmup_steps: int = 0  # uncompressed steps at the start (all channels)
+    # Sparsifiers (topk/randomk with a ratio): over the first N compressed steps the kept
+    # fraction shrinks geometrically from DENSITY_START to the codec's ratio (DGC's warm-up).
+    density_warmup_steps: int = 0
     min_numel: int = 4096  # gradients smaller than this, and all 1-D ones, go uncompressed
     # "auto": a gradient bucket is compressed only where that makes the step faster on the
     # link (needs a link with a known bandwidth; otherwise it compresses as configured);
@@ -77,6 +81,11 @@ class CompressionConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"compression.{key}={getattr(self, key)!r} is invalid; allowed: true, false")
         integer(self, "compression", "warmup_steps", 0)
+        integer(self, "compression", "density_warmup_steps", 0)
+        if self.density_warmup_steps and getattr(build_codec(self.grad), "ratio", None) is None:
+            raise ConfigError(
+                f"compression.density_warmup_steps={self.density_warmup_steps} needs a sparsifying gradient codec "
+                f"with a ratio (e.g. topk:ratio=0.01); compression.grad={self.grad!r} has none")
         integer(self, "compression", "min_numel", 0)
         choice("compression.policy", self.policy, POLICIES)
         choice("compression.act_buffer", self.act_buffer, available_storages())
@@ -118,6 +127,7 @@ class GradCompression:
         self.decisions: list[dict[str, Any]] = []  # the policy's last decision table
         self.bucket_codecs: dict[str, str] = {}  # key -> codec spec of its last reduction (for logs)
         self._warned_nonfinite = False
+        self._warm = None  # (step, wire codec) of the density warm-up, rebuilt once per step
         # Mixed precision (train.precision=fp16): the loss was multiplied by ``loss_scale``;
         # every flat gradient is divided by it here, before any codec, error feedback, norm or
         # clip sees it, and checked for non-finite values first (``take_overflow``).
@@ -136,9 +146,29 @@ class GradCompression:
 
     def codec_for(self, bucket: Bucket, step: int):
         """The wire codec of ``bucket`` in ``step`` (records it in ``bucket_codecs``)."""
-        on = self.compressing(bucket, step)
-        self.bucket_codecs[bucket.key] = (self.codec if on else self.plain).spec
-        return self.wire if on else self.plain
+        if not self.compressing(bucket, step):
+            self.bucket_codecs[bucket.key] = self.plain.spec
+            return self.plain
+        wire = self._density_warmup(step) or self.wire
+        self.bucket_codecs[bucket.key] = wire.spec
+        return wire
+
+    def _density_warmup(self, step: int):
+        """During ``density_warmup_steps``: the sparsifier at this step's ratio, behind error
+        feedback that shares the run's residuals (so nothing is lost when the ratio shrinks).
+        Every rank computes the same ratio from the step, so payload sizes agree."""
+        t, n = step - self.start_step, self.cfg.density_warmup_steps
+        if not n or t >= n or self.own_collective:
+            return None
+        if self._warm is None or self._warm[0] != step:
+            ratio = DENSITY_START ** (1 - t / n) * self.codec.ratio ** (t / n)
+            codec = build_codec(self.codec, ratio=max(ratio, self.codec.ratio))
+            if isinstance(self.wire, ErrorFeedback):
+                ef = ErrorFeedback(codec)
+                ef.residuals = self.wire.residuals  # one residual per bucket, whatever the ratio
+                codec = ef
+            self._warm = (step, codec)
+        return self._warm[1]
 
     # -- reductions ---------------------------------------------------------------------------
     def all_reduce(self, bucket: Bucket, flat: torch.Tensor, step: int, async_op: bool = True):
@@ -199,6 +229,8 @@ class GradCompression:
         """Counters since the last call: ``ef_nonfinite`` (gradient elements whose error-feedback
         residual kept its old value because the new one was not finite)."""
         n = self.wire.take_nonfinite() if isinstance(self.wire, ErrorFeedback) else 0
+        if self._warm is not None and isinstance(self._warm[1], ErrorFeedback):
+            n += self._warm[1].take_nonfinite()
         if n and not self._warned_nonfinite:
             self._warned_nonfinite = True
             log.warning("non-finite gradient values reached error feedback (%d elements); their residuals were kept, "
