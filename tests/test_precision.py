@@ -57,6 +57,27 @@ def test_loss_scaler_schedule_and_state():
         assert nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
 
 
+# -- codecs take bf16/fp16 tensors -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_codec_takes_half_precision_input(dtype):
+    from commtrain.compress import available_codecs, build_codec
+    from commtrain.compress.kernels.torch_ops import to_bytes
+
+    x = torch.randn(3, 1000, dtype=dtype)
+    for name in available_codecs():
+        codec = build_codec(name)
+        if getattr(codec, "needs_own_collective", False):  # powersgd: DP gradients only (fp32)
+            continue
+        pkt = codec.compress(x, key="k")
+        assert pkt.payload.numel() == codec.payload_nbytes(x.numel(), dtype), name
+        y = codec.decompress(pkt)
+        assert y.dtype == dtype and y.shape == x.shape, name
+    # a cast to the tensor's own dtype (and none) sends its bytes as they are: no fp32 round trip
+    for name in ("none", "bf16" if dtype == torch.bfloat16 else "fp16"):
+        pkt = build_codec(name).compress(x)
+        assert torch.equal(pkt.payload, to_bytes(x.reshape(-1))) and torch.equal(build_codec(name).decompress(pkt), x)
+
+
 # -- fp16 overflow on one rank: every rank skips together -------------------------------------
 def _fp16_worker(rank, world):
     from commtrain.comm import Communicator
