@@ -65,6 +65,27 @@ def test_default_targets_and_frozen_base():
     assert not any(p.requires_grad for n, p in m.stage_modules(2)[1].named_parameters() if "lm_head" in n)
 
 
+@pytest.mark.parametrize("arch,targets", [("gpt2", {"c_attn", "c_proj"}),
+                                          ("llama", {"q_proj", "k_proj", "v_proj", "o_proj"})])
+def test_hf_default_targets_train_and_split(tmp_path, arch, targets):
+    from test_models import _save_tiny
+
+    ckpt, _, V = _save_tiny(tmp_path, arch)
+    model = build_model(load_config("tiny", [f"model.hf_path={ckpt}", "model.lora.r=4"]).model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == targets
+    x = torch.randint(0, V, (2, 16))
+    logits, loss = model(x, targets=x)
+    loss.backward()  # adapters get gradients (B is zero at init: A's gradient is zero, B's is not)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    stages = model.stage_modules(2)  # gpt2 ties its head: the untied copy stays frozen
+    n_stage_trainable = sum(p.numel() for s in stages for p in s.parameters() if p.requires_grad)
+    assert n_stage_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for n, p in stages[-1].named_parameters() if "lm_head" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.Sequential(*stages)(x), logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_lora_dp_sends_only_adapters_and_resumes_bit_exactly(tmp_path):
     sets = (*LORA, "compression.grad=none", "train.checkpoint_every=3")

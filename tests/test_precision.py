@@ -42,6 +42,16 @@ def test_bad_precision_is_one_config_line():
     load_config("tiny", ["train.precision=bf16", "sync.strategy=diloco"]).validate()
 
 
+def test_precision_the_device_cannot_run_is_one_config_line(monkeypatch):
+    import commtrain.config as config
+
+    monkeypatch.setattr(config, "autocast_supported",
+                        lambda prec, device: None if prec == "bf16" else "torch.autocast('cpu') has no float16")
+    with pytest.raises(ConfigError, match=r"train.precision=fp16 is not available on cpu: .* allowed here: fp32, bf16"):
+        load_config("tiny", ["train.precision=fp16"]).validate()
+    load_config("tiny", ["train.precision=bf16"]).validate()
+
+
 def test_loss_scaler_schedule_and_state():
     s = LossScaler(init_scale=8.0, growth_interval=2)
     s.update(True)
