@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", metavar="OUT_DIR", help="new directory to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     p.add_argument("--lora", choices=("merge", "adapter"), default=None,
-                   help="LoRA adapters: merge into the weights, or save as an adapter")
+                   help="a LoRA run's adapters: merge into the weights (the default), or write a peft adapter directory")
     p.add_argument("--config", default=None, help="the run's config, for runs without RUN_DIR/config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (with --config)")
     p.set_defaults(fn=_export)

@@ -27,6 +27,7 @@ from .parallel.compression import CompressionConfig
 from .parallel.mesh import ParallelConfig
 from .parallel.sync import SyncConfig
 from .parallel.sync.zero import ZeroConfig
+from .precision import PRECISIONS, autocast_supported
 from .validate import ConfigError, choice, integer, non_negative, positive
 
 __all__ = ["Config", "ConfigError", "TrainConfig", "load_config", "from_dict", "RESUME_MODES"]
@@ -64,6 +65,9 @@ class TrainConfig:
     # "skip": go on, but stop after max_nonfinite_steps consecutive skips; "stop": stop at once.
     nonfinite: str = "skip"
     max_nonfinite_steps: int = 5
+    # Compute dtype of forward + loss (torch.autocast); weights and optimizer state stay fp32.
+    # fp16 adds dynamic loss scaling (commtrain.precision): overflowing steps are skipped on every rank.
+    precision: str = "fp32"
 
     def validate(self) -> None:
         positive(self, "train", "lr")
@@ -73,6 +77,7 @@ class TrainConfig:
         for key in ("lr_warmup_steps", "eval_every", "checkpoint_every", "seed"):
             integer(self, "train", key, 0)
         choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        choice("train.precision", self.precision, PRECISIONS)
         if not isinstance(self.progress, bool):
             raise ConfigError(f"train.progress={self.progress!r} is invalid; allowed: true, false")
 
@@ -124,6 +129,7 @@ class Config:
                 resolve_paths(self.data.path)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        self._check_precision()
         p = self.parallel
         if p.pp > 1 and self.zero.stage:
             raise ConfigError(f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: ZeRO is supported with pp=1 only")
@@ -147,6 +153,22 @@ class Config:
                 f"train.batch_size={self.train.batch_size} must be divisible by parallel.microbatches={p.microbatches}"
             )
         return self
+
+    def _check_precision(self) -> None:
+        prec = self.train.precision
+        if prec == "fp32":
+            return
+        if prec == "fp16" and self.sync.strategy == "diloco":
+            raise ConfigError("train.precision=fp16 with sync.strategy=diloco is invalid: fp16 loss scaling unscales "
+                              "gradients where they are reduced, and DiLoCo's inner steps reduce none; use "
+                              "train.precision=bf16 (no loss scale needed)")
+        import torch
+
+        device = "cuda" if self.backend == "nccl" or (self.backend == "auto" and torch.cuda.is_available()) else "cpu"
+        why = autocast_supported(prec, device)
+        if why is not None:
+            raise ConfigError(f"train.precision={prec} is not available on {device}: {why}; allowed here: fp32"
+                              + (", bf16" if autocast_supported("bf16", device) is None else ""))
 
     def resolved(self, world_size: int) -> "Config":
         """A validated copy with every derived value written out, for the run to use and record:

@@ -30,6 +30,17 @@ Output formats:
       OUT_DIR/tokenizer.json      the BPE tokenizer (``tokenizers`` JSON), when name is "bpe"
 
   :func:`load_gpt_dir` reads it back.
+
+LoRA runs (``model.lora.r`` > 0; checkpoints hold the frozen base and the adapters):
+
+- ``--lora merge`` (the default for a LoRA run): the adapters are merged into the weights
+  (``W + B A * alpha / r``) and the model is written as above -- an ordinary HF directory or
+  ``commtrain.gpt/1`` directory, no peft needed to load it.
+- ``--lora adapter``: a peft adapter directory (``adapter_config.json`` +
+  ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained(base, OUT_DIR)``
+  loads. For an HF model the base is ``model.hf_path`` (named in the adapter config, and
+  the tokenizer is saved beside it); for the built-in GPT the base weights are written to
+  ``OUT_DIR/base`` (``commtrain.gpt/1``).
 """
 from __future__ import annotations
 
@@ -167,7 +178,7 @@ def _untie_hf(model) -> None:
 
 def build_unsplit(cfg, states_by_stage: list[dict[str, Any]]) -> nn.Module:
     """The full model of ``cfg`` with the weights of one pipeline's stage shards (one per stage)."""
-    from .models import GPT, build_model, preset_config
+    from .models import GPT, apply_lora, build_model, preset_config
 
     mc, pp = cfg.model, len(states_by_stage)
     if mc.hf_path is not None:
@@ -177,6 +188,8 @@ def build_unsplit(cfg, states_by_stage: list[dict[str, Any]]) -> nn.Module:
     else:
         gcfg = preset_config(mc.preset, dropout=mc.dropout, vocab_size=mc.vocab_size, block_size=mc.block_size)
         model = GPT(_untie_gpt(gcfg) if pp > 1 and gcfg.tie_weights else gcfg)
+        if mc.lora.enabled:
+            apply_lora(model, mc.lora)
     targets = [model] if pp == 1 else model.stage_modules(pp, getattr(cfg.parallel, "balance", "layers"))
     for i, (module, state) in enumerate(zip(targets, states_by_stage)):
         try:
@@ -331,21 +344,61 @@ def save_hf_dir(model, tokenizer, out_dir) -> Path:
 def export_run(run_dir, out_dir, step: int | None = None, lora: str | None = None,
                config: str | None = None, overrides=None) -> dict[str, Any]:
     """Export a run (see the module docstring); returns what was written."""
-    if lora is not None:
-        raise ExportError(f"--lora {lora}: no LoRA adapters in this run")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"OUT_DIR {str(out)!r} exists and is not empty; choose a new directory")
     cfg, got_step, model = load_run_model(run_dir, step, config, overrides)
+    if not cfg.model.lora.enabled and lora is not None:
+        raise ExportError(f"--lora {lora}: no LoRA adapters in this run")
+    if lora not in (None, "merge", "adapter"):
+        raise ExportError(f"--lora {lora!r} is invalid; allowed: merge, adapter")
     tok = run_tokenizer(cfg, model)
+    info = {"step": got_step, "out_dir": str(out), "pp": cfg.parallel.pp, "tokenizer": _tokenizer_entry(tok)["name"],
+            "trained_steps": _last_step(run_dir)}
+    if cfg.model.lora.enabled:
+        lora = lora or "merge"
+        info["lora"] = lora
+        if lora == "adapter":
+            save_adapter_dir(cfg, model, tok, out)
+            return {**info, "format": "peft adapter"}
+        from .models.lora import merge_lora
+
+        merge_lora(model)
     if cfg.model.hf_path is not None:
         save_hf_dir(model, tok, out)
         fmt = "hf"
     else:
         save_gpt_dir(model, tok, out)
         fmt = GPT_FORMAT
-    return {"step": got_step, "format": fmt, "out_dir": str(out), "pp": cfg.parallel.pp,
-            "tokenizer": _tokenizer_entry(tok)["name"], "trained_steps": _last_step(run_dir)}
+    return {**info, "format": fmt}
+
+
+def save_adapter_dir(cfg, model, tokenizer, out_dir) -> Path:
+    """A peft adapter directory of a LoRA run's adapters (see the module docstring)."""
+    from .models.lora import DEFAULT_TARGETS, adapter_state_dict, architecture
+
+    st = _safetensors()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lc = cfg.model.lora
+    arch = architecture(model)
+    targets = lc.target_modules if lc.target_modules is not None else DEFAULT_TARGETS[arch]  # what the run adapted
+    pcfg = lc.peft_config(arch, targets)
+    pcfg.base_model_name_or_path = _absolute(cfg.model.hf_path) if cfg.model.hf_path is not None else "base"
+    pcfg.inference_mode = True
+    pcfg.save_pretrained(str(out))
+    st.save_file(adapter_state_dict(model), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if cfg.model.hf_path is not None:
+        entry = _tokenizer_entry(tokenizer)
+        if entry["name"] == "hf":
+            tokenizer.save_pretrained(str(out))
+        (out / HF_MARKER).write_text(json.dumps({"format": HF_FORMAT, "tokenizer": entry, "adapter": True},
+                                                indent=1) + "\n")
+    else:  # the frozen base weights, without the adapters, beside them
+        from .models.lora import unload_lora
+
+        save_gpt_dir(unload_lora(model), tokenizer, out / "base")
+    return out
 
 
 def _last_step(run_dir) -> int | None:
@@ -373,7 +426,8 @@ def export_main(args) -> int:
         print(f"commtrain export: {e}", file=sys.stderr)
         return 2
     stages = f", {info['pp']} pipeline stages gathered" if info["pp"] > 1 else ""
-    print(f"exported step {info['step']} of {args.run_dir} ({info['format']}, tokenizer {info['tokenizer']}{stages}) "
+    lora = {"merge": ", LoRA merged", "adapter": ", LoRA adapter"}.get(info.get("lora"), "")
+    print(f"exported step {info['step']} of {args.run_dir} ({info['format']}, tokenizer {info['tokenizer']}{stages}{lora}) "
           f"to {info['out_dir']}")
     if info["trained_steps"] is not None and info["trained_steps"] > info["step"]:
         print(f"note: the run trained to step {info['trained_steps']} but its newest checkpoint is step {info['step']}; "

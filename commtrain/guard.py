@@ -38,12 +38,15 @@ class StepGuard:
         self.world_size = dist.get_world_size()
         self._agreed: Agreed | None = None
 
-    def veto(self, loss: float) -> Callable[[torch.Tensor], bool]:
-        """The ``veto`` for this step's ``sync.step``: agrees with every rank, True = skip."""
+    def veto(self, loss: float, local_nonfinite: Callable[[], bool] | None = None) -> Callable[[torch.Tensor], bool]:
+        """The ``veto`` for this step's ``sync.step``: agrees with every rank, True = skip.
+        ``local_nonfinite()`` (optional): did this rank's own gradients hold a non-finite value
+        before they were reduced (fp16 loss scaling: an overflow a codec might have dropped)?"""
         self._agreed = None
 
         def decide(grad_norm: torch.Tensor) -> bool:
-            bad = not (math.isfinite(float(loss)) and bool(torch.isfinite(grad_norm)))
+            local = local_nonfinite() if local_nonfinite is not None else False  # always read: it resets
+            bad = local or not (math.isfinite(float(loss)) and bool(torch.isfinite(grad_norm)))
             t = torch.tensor([float(loss), float(bad), float(self.stop_requested())],
                              dtype=torch.float64, device=self.device)
             dist.all_reduce(t)

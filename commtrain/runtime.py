@@ -185,7 +185,8 @@ def maybe_inject_fault(step: int, rank: int) -> None:
 def nonfinite_steps() -> tuple[set[int] | None, int | None, int]:
     """Fault injection for the non-finite guard: ``COMMTRAIN_NONFINITE_STEPS`` = step numbers
     (1-based, as in the metrics) like ``5`` or ``3,7`` or ``5-`` (5 and every later one);
-    ``COMMTRAIN_NONFINITE_RANK`` (default 0) is the rank whose gradients turn NaN. Returns
+    ``COMMTRAIN_NONFINITE_RANK`` (default 0) is the rank whose gradients turn NaN
+    (``COMMTRAIN_NONFINITE_VALUE=inf``: +inf, as an fp16 overflow gives). Returns
     (steps or None, first open-ended step or None, rank)."""
     spec = os.environ.get("COMMTRAIN_NONFINITE_STEPS")
     if not spec:
@@ -207,11 +208,12 @@ def inject_nonfinite_grads(params, rank: int, current_step) -> list:
     steps, start, at_rank = nonfinite_steps()
     if steps is None or rank != at_rank:
         return []
+    value = float(os.environ.get("COMMTRAIN_NONFINITE_VALUE", "nan"))
 
     def poison(p):
         s = current_step()
         if s in steps or (start is not None and s >= start):
-            p.grad.fill_(float("nan"))
+            p.grad.fill_(value)
 
     return [p.register_post_accumulate_grad_hook(poison) for p in params if p.requires_grad]
 

@@ -35,6 +35,7 @@ from .models import build_model
 from .parallel.mesh import Mesh
 from .parallel.pipeline import PipelineEngine
 from .parallel.sync import build_sync
+from .precision import Precision
 from .rundir import Plan, fingerprint, plan
 from .runtime import (
     RNGState, RunError, StopSignals, claim_run_dir, distributed, inject_nonfinite_grads, maybe_inject_fault,
@@ -104,6 +105,8 @@ class Trainer:
         link = cfg.link.build()
         self.comms = [Communicator(self.mesh.dp_group, link=link, meter=self.meter, timeout_s=cfg.timeout_s)]
         self.module = (model.stage_modules(pc.pp)[self.mesh.stage] if pc.pp > 1 else model).to(self.device)
+        # train.precision: autocast around forward + loss; fp32 master weights; fp16 loss scaling.
+        self.precision = Precision(tc.precision, self.device)
         # COMMTRAIN_NONFINITE_STEPS (tests): NaN gradients at given steps, before the sync's hooks see them.
         self._step = 0
         self._fault_hooks = inject_nonfinite_grads(self.module.parameters(), self.rank, lambda: self._step + 1)
@@ -118,11 +121,14 @@ class Trainer:
                  "diloco": dict(config=cfg.sync)}.get(strategy, {})
         self.sync = build_sync(strategy, named, optim_factory, self.comms[0], compression=cc,
                                bucket_mb=pc.bucket_mb, overlap=pc.overlap, **extra)
+        # fp16: the gradient compression unscales each bucket and notes local overflows before
+        # any codec sees it (DiLoCo is refused with fp16 at config time: its inner steps reduce nothing).
+        self.precision.attach(getattr(self.sync, "compression", None))
 
         # forward + backward of one batch: the module's own, or the pipeline schedule's.
         self.schedule = WarmupCosine(tc.lr, tc.lr_warmup_steps, tc.steps)
         self.stateful: dict[str, Any] = {"model": self.module, "sync": self.sync, "sampler": self.sampler,
-                                         "rng": RNGState(), "schedule": self.schedule}
+                                         "rng": RNGState(), "schedule": self.schedule, "precision": self.precision}
         self.forward_backward: Callable = self._forward_backward
         self.eval_batch_loss: Callable = self._eval_loss
         if pc.pp > 1:
@@ -131,6 +137,8 @@ class Trainer:
                 self.module, self.mesh, self.comms[1], schedule=pc.schedule, n_micro=pc.microbatches,
                 loss_fn=model.loss, hidden_size=model.hidden_size, n_samples=len(self.train_ds),
                 out_dir=str(self.out_dir), device=self.device, act=cc, no_sync=self.sync.no_sync,
+                act_dtype=self.precision.act_dtype, autocast=self.precision.autocast,
+                loss_scale=lambda: self.precision.loss_scale,
             )
             self.forward_backward = lambda ids, x, y: self.pipeline.train_step(ids, x, y)
             self.eval_batch_loss = self.pipeline.eval_loss
@@ -234,13 +242,17 @@ class Trainer:
         t0 = time.perf_counter()
         waits0 = self._comm_wait_s()
 
+        self.precision.begin_step()  # fp16: this step's loss scale, divided out of every bucket before compression
         self.sync.begin_step(step)  # arms the backward hooks: buckets reduce as they fill
         loss = self.forward_backward(ids, x, y)  # one batch (a pipeline: its whole schedule)
         # finish reducing, then every rank agrees (one tiny all-reduce): a non-finite loss or
-        # gradient norm anywhere vetoes the update everywhere; else clip and update.
-        stats = self.sync.step(max_grad_norm=self.cfg.train.grad_clip, veto=self.guard.veto(loss))
+        # gradient norm anywhere (or, fp16, a non-finite local gradient) vetoes the update
+        # everywhere; else clip and update.
+        veto = self.guard.veto(loss, self.precision.local_nonfinite)
+        stats = self.sync.step(max_grad_norm=self.cfg.train.grad_clip, veto=veto)
         self.sync.zero_grad()
         agreed = self.guard.outcome()
+        scaling = self.precision.end_step(agreed.nonfinite, agreed.loss)  # agreed: the same scale on every rank
 
         step_time = time.perf_counter() - t0
         comm_s = self._comm_wait_s() - waits0
@@ -257,6 +269,7 @@ class Trainer:
             "comm_s": comm_s,
             **stats,
             "skipped": agreed.nonfinite,  # the update was vetoed (non-finite loss/grad norm on some rank)
+            **scaling,  # fp16: loss_scale, overflow
         }
 
     def _after_step(self, record: dict[str, Any], done: int) -> str | None:
@@ -264,9 +277,13 @@ class Trainer:
         ``skipped_total`` to ``record``; returns ``"nonfinite"`` (stop: too many skipped
         steps), ``"signal"`` (some rank was asked to stop) or None."""
         tc = self.cfg.train
-        self.skipped_in_row = self.skipped_in_row + 1 if record["skipped"] else 0
         self.skipped_total += bool(record["skipped"])
         record["skipped_total"] = self.skipped_total
+        if record.get("overflow"):  # fp16 loss-scale overflow: the scaler backed off; not a divergence
+            if self.rank == 0:
+                log.info("step %d skipped: fp16 gradient overflow; loss scale now %g", done, self.precision.loss_scale)
+            return "signal" if self.guard.outcome().stop else None
+        self.skipped_in_row = self.skipped_in_row + 1 if record["skipped"] else 0
         if record["skipped"]:
             if self.rank == 0:
                 log.warning("step %d skipped: non-finite loss or gradient norm (loss %s, grad norm %s); %d in a row",
@@ -277,14 +294,16 @@ class Trainer:
 
     # -- pieces -----------------------------------------------------------------------------
     def _forward_backward(self, ids, x, y) -> float:
-        _, loss = self.module(x, targets=y)
-        loss.backward()
+        with self.precision.autocast():
+            _, loss = self.module(x, targets=y)
+        self.precision.scale(loss).backward()
         return loss.item()
 
     def _eval_loss(self, x, y) -> float:
         self.module.eval()
         try:
-            return float(self.module(x, targets=y)[1])
+            with self.precision.autocast():
+                return float(self.module(x, targets=y)[1])
         finally:
             self.module.train()
 
@@ -384,7 +403,7 @@ class Trainer:
                                f"resume=auto (starts this run fresh)")
             return 0
         step, state = found
-        missing = [name for name in self.stateful if name not in state and name != "schedule"]
+        missing = [name for name in self.stateful if name not in state and name not in ("schedule", "precision")]
         if missing:
             raise RunError(f"checkpoint step {step} in {self.checkpointer.root} lacks {missing} (written by another "
                            f"version or layout of commtrain); use a fresh out_dir or resume=never --overwrite")

@@ -123,7 +123,9 @@ class Codec:
             payload = torch.empty(0, dtype=torch.uint8, device=x.device)
         else:
             gen = generator if generator is not None else self._generator(x.device)
-            payload = self.encode(flat if self.native_dtype else flat.float(), gen)
+            # Codecs encode fp32 (a bf16/fp16 input is upcast first), except ``none`` and a cast
+            # whose wire dtype is the input's own (bf16 activations through ``bf16``): no round trip.
+            payload = self.encode(flat if self.native_dtype or self._same_wire(x.dtype) else flat.float(), gen)
         expected = self.payload_nbytes(flat.numel(), x.dtype)
         assert payload.numel() == expected, (self.name, payload.numel(), expected)
         return Packet(payload.contiguous(), x.shape, x.dtype)
@@ -140,7 +142,15 @@ class Codec:
             return torch.empty(pkt.shape, dtype=pkt.dtype, device=pkt.device)
         if self.native_dtype:
             return self.decode(pkt.payload, n, pkt.dtype).reshape(pkt.shape)
+        if self._same_wire(pkt.dtype):  # the payload already is the tensor's bytes (a cast)
+            from .kernels.torch_ops import from_bytes
+
+            return from_bytes(pkt.payload, pkt.dtype).reshape(pkt.shape)
         return self.decode(pkt.payload, n).to(pkt.dtype).reshape(pkt.shape)
+
+    def _same_wire(self, dtype: torch.dtype) -> bool:
+        """A summable cast whose payload is plain ``dtype`` values (bf16 -> ``bf16``, fp16 -> ``fp16``)."""
+        return self.summable and self.wire_dtype == dtype
 
     def summable_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
         """The dtype in which payloads of this codec (for inputs of ``dtype``) can be summed by

@@ -6,12 +6,13 @@ pipeline parallelism.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .gpt import GPT, GPTConfig, PRESETS, available_presets, preset_config, register_preset
 from .hf import HFCausalLM, check_hf_path
+from .lora import LoraConfig, apply_lora, check_targets
 from .partition import BALANCE_MODES, partition
 from .pretrained import check_tokenizer, load_gpt_dir, read_gpt_dir_config, save_gpt_dir, tokenizer_info
 from .stage import Stage
@@ -25,6 +26,8 @@ class ModelConfig:
     for an HF checkpoint ``vocab_size`` must match it and ``block_size`` may only shorten the
     context. ``dropout`` applies to the built-in GPT (an HF checkpoint keeps its own).
 
+    ``lora`` (:class:`LoraConfig`, ``r`` > 0) trains LoRA adapters only (:mod:`.lora`).
+
     ``init_from`` starts the built-in GPT from saved weights (a ``commtrain.gpt/1`` directory,
     see :mod:`.pretrained`); its config.json fixes the architecture, so ``preset``,
     ``vocab_size`` and ``block_size`` must be left unset (default) or agree with it.
@@ -36,6 +39,7 @@ class ModelConfig:
     vocab_size: int | None = None
     block_size: int | None = None
     init_from: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         if self.init_from is not None:
@@ -52,6 +56,18 @@ class ModelConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"model.{key}={v!r} is invalid; allowed: an integer >= 1 or null")
+        self.lora.validate()
+        if self.lora.enabled:  # target names against the architecture (on the meta device: no weights)
+            if self.hf_path is not None and self.init_from is None:
+                check_targets(self.lora, hf_path=self.hf_path)
+            else:
+                check_targets(self.lora, gpt_config=self.gpt_config())
+
+    def gpt_config(self) -> GPTConfig:
+        """The built-in GPT's architecture (``init_from``'s, or the preset with overrides)."""
+        if self.init_from is not None:
+            return GPTConfig(**read_gpt_dir_config(self.init_from)["model"])
+        return preset_config(self.preset, dropout=self.dropout, vocab_size=self.vocab_size, block_size=self.block_size)
 
     def _check_init_from(self) -> None:
         if not isinstance(self.init_from, str) or not self.init_from:
@@ -83,19 +99,20 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The model ``cfg`` describes. Initialisation is deterministic given ``torch.manual_seed``."""
     cfg.validate()
     if cfg.init_from is not None:
-        return load_gpt_dir(cfg.init_from, dropout=cfg.dropout)[0]
-    if cfg.hf_path is not None:
+        model = load_gpt_dir(cfg.init_from, dropout=cfg.dropout)[0]
+    elif cfg.hf_path is not None:
         model = HFCausalLM.from_pretrained(cfg.hf_path, block_size=cfg.block_size)
         if cfg.vocab_size is not None and cfg.vocab_size != model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={cfg.vocab_size} is invalid for {cfg.hf_path!r}; allowed: null or {model.vocab_size}"
             )
-        return model
-    return GPT(preset_config(cfg.preset, dropout=cfg.dropout, vocab_size=cfg.vocab_size, block_size=cfg.block_size))
+    else:
+        model = GPT(preset_config(cfg.preset, dropout=cfg.dropout, vocab_size=cfg.vocab_size, block_size=cfg.block_size))
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else model
 
 
 __all__ = [
-    "BALANCE_MODES", "GPT", "GPTConfig", "HFCausalLM", "ModelConfig", "PRESETS", "Stage",
+    "BALANCE_MODES", "GPT", "GPTConfig", "HFCausalLM", "LoraConfig", "ModelConfig", "PRESETS", "Stage",
     "available_presets", "build_model", "check_tokenizer", "load_gpt_dir", "partition", "preset_config",
     "read_gpt_dir_config", "register_preset", "save_gpt_dir", "tokenizer_info",
 ]

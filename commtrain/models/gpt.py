@@ -148,6 +148,7 @@ class Head(nn.Module):
         lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lm_head.weight.copy_(w)
+        lm_head.weight.requires_grad_(w.requires_grad)  # frozen stays frozen (LoRA)
         return Head(self.ln_f, lm_head)
 
 

@@ -205,6 +205,8 @@ def _untie(head: _Head) -> _Head:
         lm_head.weight.copy_(w)
         if head.lm_head.bias is not None:
             lm_head.bias.copy_(head.lm_head.bias)
+    for new, old in zip(lm_head.parameters(), head.lm_head.parameters()):
+        new.requires_grad_(old.requires_grad)  # frozen stays frozen (LoRA)
     return _Head(head.norm, lm_head)
 
 

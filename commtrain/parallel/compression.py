@@ -128,6 +128,12 @@ class GradCompression:
         self.bucket_codecs: dict[str, str] = {}  # key -> codec spec of its last reduction (for logs)
         self._warned_nonfinite = False
         self._warm = None  # (step, wire codec) of the density warm-up, rebuilt once per step
+        # Mixed precision (train.precision=fp16): the loss was multiplied by ``loss_scale``;
+        # every flat gradient is divided by it here, before any codec, error feedback, norm or
+        # clip sees it, and checked for non-finite values first (``take_overflow``).
+        self.loss_scale = 1.0
+        self.check_finite = False
+        self._overflow: torch.Tensor | None = None
 
     # -- the per-bucket decision -------------------------------------------------------------
     def eligible(self, p: torch.Tensor) -> bool:
@@ -169,6 +175,7 @@ class GradCompression:
         """Mean of the bucket's flat gradients over the group: a handle whose ``wait()`` gives
         the flat mean, or (PowerSGD) the list of per-parameter means."""
         codec = self.codec_for(bucket, step)
+        self._prepare(flat)
         if codec is not self.plain and self.own_collective:
             return _Done(self.powersgd.reduce(bucket.key, bucket.views(flat)))
         return self.comm.all_reduce(flat, codec, channel="grad", op="mean", key=bucket.key, async_op=async_op)
@@ -177,8 +184,24 @@ class GradCompression:
         """This rank's chunk of the bucket's mean (ZeRO)."""
         if self.own_collective:
             raise ValueError(f"compression.grad={self.codec.spec!r} cannot be reduce-scattered (see ZeroConfig)")
+        self._prepare(flat)
         return self.comm.reduce_scatter(flat, self.codec_for(bucket, step), channel="grad", op="mean",
                                         key=bucket.key, async_op=async_op)
+
+    def _prepare(self, flat: torch.Tensor) -> None:
+        """Unscale (fp16 loss scaling) and note non-finite local values, in place, before the
+        collective: what compression and error feedback see is the true gradient."""
+        if self.check_finite:
+            bad = ~torch.isfinite(flat).all()
+            self._overflow = bad if self._overflow is None else self._overflow | bad
+        if self.loss_scale != 1.0:
+            flat.mul_(1.0 / self.loss_scale)  # a power of two: exact
+
+    def take_overflow(self) -> bool:
+        """Did any gradient this rank reduced since the last call hold a non-finite value
+        (before compression; with ``check_finite``)? Resets the flag."""
+        bad, self._overflow = self._overflow, None
+        return bool(bad) if bad is not None else False
 
     def forget(self, key: str) -> None:
         """Drop the error-feedback residuals and the policy decision kept for bucket ``key`` (its

@@ -113,7 +113,8 @@ class ActivationChannel:
         if mode == "direct":
             return self.codec.compress(a)
         m = self.buffer.read(ids)
-        pkt = self.codec.compress(a.float() - m)
+        # the delta in ``a``'s dtype (the wire dtype both ends size packets with)
+        pkt = self.codec.compress((a.float() - m).to(a.dtype))
         self.buffer.write(ids, m + self.codec.decompress(pkt).float())
         return pkt
 

@@ -64,7 +64,12 @@ class PipelineEngine:
         act: the ``compression`` section (its ``act*`` keys and ``warmup_steps``); default uncompressed.
         n_samples: dataset size (rows of the AC-SGD buffers; needed with ``act_delta``).
         out_dir: where ``act_buffer="mmap"`` files go (``{out_dir}/acsgd/``).
-        act_dtype: dtype of boundary activations and gradients.
+        act_dtype: dtype of boundary activations and gradients on the wire (mixed precision:
+            the compute dtype; the receiver feeds the stage its parameters' dtype, as the
+            unsplit model's residual stream has, and casts gradients back likewise).
+        autocast: a context factory around every forward + loss (``train.precision``).
+        loss_scale: ``() -> float``, the fp16 loss scale the last stage multiplies its loss by
+            (the gradient compression divides it out again).
         eval_codec: codec for activations in :meth:`eval_loss` (default ``none``: the eval
             loss measures the trained weights, not the link).
         no_sync: a context factory (the DP sync's ``no_sync``) wrapped around every backward of
@@ -89,6 +94,8 @@ class PipelineEngine:
         eval_codec: str = "none",
         no_sync: Callable[[], ContextManager[None]] | None = None,
         device: str | torch.device | None = None,
+        autocast: Callable[[], ContextManager[None]] | None = None,
+        loss_scale: Callable[[], float] | None = None,
     ):
         self.module, self.mesh, self.comm = stage_module, mesh, comm
         self.stage, self.n_stages = int(mesh.stage), int(mesh.pp)
@@ -111,6 +118,10 @@ class PipelineEngine:
         self.act_grad_codec = build_codec(self.act.act_grad)
         self.eval_codec = build_codec(eval_codec)
         self.no_sync = no_sync if no_sync is not None else contextlib.nullcontext
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext
+        self.loss_scale = loss_scale if loss_scale is not None else (lambda: 1.0)
+        p0 = next((p for p in stage_module.parameters() if p.is_floating_point()), None)
+        self.compute_dtype = p0.dtype if p0 is not None else torch.float32  # what the stage's inputs are fed as
         self._last_backward = max(i for i, a in enumerate(self.actions) if a.kind == "B")
         self._decoder = Worker(f"commtrain-pp-decode-s{self.stage}")  # AC-SGD receiver updates run here
         if device is None:
@@ -204,20 +215,24 @@ class PipelineEngine:
                 if self.is_first:
                     inp = xs[m].to(self.device)
                 else:
-                    inp = pending.pop(("F", m)).wait().to(self.device).requires_grad_(True)
+                    inp = pending.pop(("F", m)).wait().to(self.device, self.compute_dtype).requires_grad_(True)
                     inputs[m] = inp
-                out = self.module(inp)
+                with self.autocast():
+                    out = self.module(inp)
+                    loss = self.loss_fn(out, ys[m].to(self.device)) if self.is_last else None
                 if self.is_last:
-                    loss = self.loss_fn(out, ys[m].to(self.device))
                     losses.append(loss.detach())
-                    outputs[m] = loss / self.n_micro
+                    scale = self.loss_scale()
+                    outputs[m] = (loss * scale if scale != 1.0 else loss) / self.n_micro
                 else:
-                    pkt = self.send_channel.encode(ids[m], out.detach(), send_modes[m])  # updates m[id] here
+                    # in the wire dtype (mixed precision: the compute dtype, half of fp32's bytes)
+                    act = out.detach().to(self.act_dtype)
+                    pkt = self.send_channel.encode(ids[m], act, send_modes[m])  # updates m[id] here
                     sends.append(self.comm.send_packet(pkt.payload, self.stage + 1, channel="act", async_op=True))
                     outputs[m] = out
             else:
                 out = outputs.pop(m)
-                grad = None if self.is_last else pending.pop(("B", m)).wait().to(self.device)
+                grad = None if self.is_last else pending.pop(("B", m)).wait().to(self.device, out.dtype)
                 # Accumulate quietly; the stage's last backward launches the DP reduction.
                 with self.no_sync() if i < self._last_backward else contextlib.nullcontext():
                     if self.is_last:
@@ -226,7 +241,7 @@ class PipelineEngine:
                         torch.autograd.backward(out, grad)
                 if not self.is_first:
                     inp = inputs.pop(m)
-                    sends.append(self.comm.send(inp.grad, self.stage - 1, self.act_grad_codec,
+                    sends.append(self.comm.send(inp.grad.to(self.act_dtype), self.stage - 1, self.act_grad_codec,
                                                 channel="act_grad", async_op=True))
         assert not pending and not outputs and not inputs, "schedule left work undone"
         for h in sends:
@@ -284,12 +299,14 @@ class PipelineEngine:
         self.module.eval()
         try:
             for m in range(self.n_micro):
-                inp = xs[m].to(self.device) if self.is_first else recvs[m].wait().to(self.device)
-                out = self.module(inp)
-                if self.is_last:
-                    losses.append(self.loss_fn(out, ys[m].to(self.device)))
-                else:
-                    sends.append(self.comm.send(out, self.stage + 1, self.eval_codec, channel="act", async_op=True))
+                inp = xs[m].to(self.device) if self.is_first else \
+                    recvs[m].wait().to(self.device, self.compute_dtype)
+                with self.autocast():
+                    out = self.module(inp)
+                    if self.is_last:
+                        losses.append(self.loss_fn(out, ys[m].to(self.device)).float())
+                if not self.is_last:
+                    sends.append(self.comm.send(out.to(self.act_dtype), self.stage + 1, self.eval_codec, channel="act", async_op=True))
             for h in sends:
                 h.wait()
         finally:
