@@ -167,10 +167,14 @@ def measure(steps: list[list[dict]], skip: int, short: int, compute: dict, dp: i
     step_time = [max(r["step_time_s"] for r in st) for st in steps]
     bound = [step_bound(compute, st, dp, bw, lat) for st in steps]
     busiest = [max(sum(r["wire_bytes"].values()) for r in st) for st in steps]
+    total = [sum(sum(r["wire_bytes"].values()) for r in st) for st in steps]
     return {
         "step_time_s": step_time,
         "bound_s": bound,
         "busiest_bytes": busiest,
+        "total_bytes": total,
+        "first_epoch_total_bytes": statistics.median(total[:skip - 1]),
+        "steady_total_bytes": statistics.median(total[skip:]),
         "steady_step_s": statistics.median(step_time[skip:]),
         "steady_bound_s": statistics.median(bound[skip:]),
         "steady_busiest_bytes": statistics.median(busiest[skip:]),
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="subset of setting names")
     ap.add_argument("--json", default=str(OUT / "pipeline_speed.json"))
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="no training: re-read this link's run directories and the compute times in --json")
     args = ap.parse_args(argv)
     if args.latency is None:
         args.latency = {"100mbit": "100us", "1gbit": "50us", "10gbit": "20us"}.get(args.link, "100us")
@@ -226,14 +232,19 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown setting(s) {sorted(unknown)}; allowed: {list(SETTINGS)}")
     print(f"pipeline_speed: link {args.link} ({args.latency}), {args.steps} steps per run", flush=True)
-    compute = measure_compute()
+    if args.from_runs:
+        prev = json.loads(Path(args.json).read_text())[args.link]
+        compute = {int(k): v for k, v in prev["compute"].items()}
+    else:
+        compute = measure_compute()
     print("  isolated compute per microbatch (s): " + ", ".join(
         f"stage {s}: F {c['F']:.4f} B {c['B']:.4f} opt {c['opt']:.4f}" for s, c in compute.items()), flush=True)
     runs: dict[str, list] = {n: [] for n in names}
     for rep in range(args.repeats):  # interleaved: every setting once, then again
         for n in names:
             dp = SETTINGS[n][0]
-            run_dir, overrides = run(n, dp, SETTINGS[n][1], args, rep)
+            run_dir = (OUT / "pipeline_speed" / args.link / f"rep{rep}" / n.replace(" ", "_").replace("/", "-")
+                       .replace("+", "p")) if args.from_runs else run(n, dp, SETTINGS[n][1], args, rep)[0]
             runs[n].append(read_steps(run_dir, 2 * dp))
     rows = {}
     for n in names:
@@ -284,7 +295,7 @@ def format_table(link: str, res: dict) -> str:
             return f"{r[k]:.2f}x" if k in r else "-"
         flag = "" if r["bound_over_measured_steady"] <= 1 else " (bound violated)"
         lines.append(
-            f"| {n} | {r['first_epoch_busiest_bytes'] / 1e6:.3f} | {r['steady_busiest_bytes'] / 1e6:.3f} | "
+            f"| {n} | {r['first_epoch_total_bytes'] / 1e6:.3f} | {r['steady_total_bytes'] / 1e6:.3f} | "
             f"{r['steady_step_s']:.4f} | {r['steady_bound_s']:.4f} | {100 * r['bound_over_measured_steady']:.0f}%{flag} | "
             f"{x('steady_speedup')} | {x('steady_speedup_max')} | {x('whole_short_speedup')} | {x('whole_long_speedup')} |")
     return "\n".join(lines)
