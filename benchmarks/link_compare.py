@@ -10,7 +10,8 @@ gpt-mini: 10.9M parameters, 2 ranks, batch 8 x 64) under torchrun on loopback wi
 charges TCP/IP/Ethernet headers per segment as the shaper does; ``none``: the model before
 calibration); (3) the same trainer in two network namespaces joined by the *real* ``tc tbf``
 link, no simulated throttle (``link.profile=null``), ranks rendezvousing over the namespace
-addresses. Reports median step times (steps after ``--skip``), the bytes the ranks metered
+addresses. Reports median step times (steps after ``--skip``; per step the fastest of
+``--repeats`` interleaved runs, since load from other processes only adds time), the bytes the ranks metered
 and the bytes eth0 really transmitted, and per cell whether simulated (tcp framing) and real
 agree within ``--tolerance`` (5%). Where benchmarks/out/perfmodel_validation.json holds a
 calibration, also the throughput model's prediction for both links.
@@ -89,6 +90,15 @@ def run_real(rate: str, codec: str, steps: int, out_dir: Path) -> dict:
                                  "tx_bytes_per_step": stats["tx_bytes"]["0"] / all_steps}
 
 
+def combine(results: list[dict]) -> dict:
+    """Repeats of one variant: per step, the fastest repeat (load from other processes on the
+    shared box only adds time), then the median over steps."""
+    n = min(len(r["step_times_s"]) for r in results)
+    best = [min(r["step_times_s"][i] for r in results) for i in range(n)]
+    return {**results[-1], "step_time_s": statistics.median(best), "step_times_s": best,
+            "step_time_s_per_repeat": [r["step_time_s"] for r in results]}
+
+
 def measure(rate: str, seconds: float) -> dict:
     r = subprocess.run([sys.executable, str(NETNS), "--prefix", PREFIX, "--nproc", "2", "--rate", rate, "--measure",
                         "--seconds", str(seconds)], capture_output=True, text=True, timeout=120)
@@ -117,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--framings", default="tcp,none", help="link.framing of the simulated runs (the first is judged)")
     ap.add_argument("--model", default=MODEL, help="model.preset (default gpt-mini, 10.9M parameters)")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved; per step the fastest")
     ap.add_argument("--skip", type=int, default=SKIP, help="steps not timed")
     ap.add_argument("--tolerance", type=float, default=0.05, help="target |real / simulated - 1|")
     ap.add_argument("--seconds", type=float, default=4.0, help="duration of each bandwidth measurement")
@@ -131,16 +142,21 @@ def main(argv=None) -> int:
     data = json.loads(out.read_text()) if out.exists() else {}
     if data.get("model") != args.model:  # results of another model are not comparable: start over
         data = {"model": args.model, "measure": {}, "runs": {}}
-    data["tolerance"] = args.tolerance
+    data["tolerance"], data["repeats"], data["steps"], data["skip"] = args.tolerance, args.repeats, args.steps, args.skip
     for rate in filter(None, args.rates.split(",")):
         data["measure"][rate] = measure(rate, args.seconds)
         print(f"{rate}: achieved {data['measure'][rate]['mbit_s']:.1f} Mbit/s", flush=True)
         for codec in filter(None, args.codecs.split(";")):
             tag = f"{args.model}_{rate}_{codec}".replace(":", "_").replace(",", "_").replace("=", "")
             t0 = time.time()
-            sims = {f: run_simulated(rate, codec, args.steps, ROOT / "benchmarks" / "out" / "lc" / f"sim_{f}_{tag}", f)
-                    for f in framings}
-            real = run_real(rate, codec, args.steps, ROOT / "benchmarks" / "out" / "lc" / f"real_{tag}")
+            lc = ROOT / "benchmarks" / "out" / "lc"
+            reps: dict[str, list[dict]] = {}
+            for rep in range(args.repeats):  # interleaved: every variant once, then again
+                for f in framings:
+                    reps.setdefault(f, []).append(run_simulated(rate, codec, args.steps, lc / f"sim_{f}_{tag}", f))
+                reps.setdefault("real", []).append(run_real(rate, codec, args.steps, lc / f"real_{tag}"))
+            sims = {f: combine(reps[f]) for f in framings}
+            real = combine(reps["real"])
             sim = sims[framings[0]]
             data["runs"][f"{rate}|{codec}"] = {"rate": rate, "codec": codec, "simulated": sim, "framing": framings[0],
                                                 "simulated_by_framing": sims, "real": real,
