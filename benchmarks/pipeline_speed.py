@@ -190,8 +190,8 @@ def measure(steps: list[list[dict]], skip: int, short: int, compute: dict, dp: i
     }
 
 
-def run(name: str, dp: int, sets: list[str], args, rep: int) -> tuple[Path, int]:
-    """One training run of a setting; returns its directory and world size."""
+def run(name: str, dp: int, sets: list[str], args, rep: int) -> tuple[Path, list[str]]:
+    """One training run of a setting; returns its directory and overrides."""
     run_dir = OUT / "pipeline_speed" / args.link / f"rep{rep}" / name.replace(" ", "_").replace("/", "-").replace("+", "p")
     shutil.rmtree(run_dir, ignore_errors=True)  # scratch: a fresh run (resume=false refuses a used dir)
     overrides = [f"out_dir={run_dir}", "resume=false", f"train.steps={args.steps}", "parallel.pp=2",
