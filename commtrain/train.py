@@ -94,7 +94,7 @@ class Trainer:
         self._check_same_data()
         self.eval_ids = self._eval_ids()  # None: no eval (data.eval_fraction=0); checked now, not at the end
         # AC-SGD keeps per-sample buffers per replica, so with delta compression each sample
-        # stays on one replica across epochs (else it would be "unseen", sent uncompressed).
+        # stays on one replica across epochs (else it would be "unseen": a first visit, not a delta).
         acsgd = pc.pp > 1 and cc.act_delta and cc.act != "none"
         self.sampler = ShardedSampler(
             self.train_ds, tc.batch_size, self.mesh.dp_rank, self.mesh.dp_size, seed=tc.seed, sticky=acsgd

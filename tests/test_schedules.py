@@ -10,6 +10,7 @@ from commtrain.parallel.pipeline.schedules import (
     gpipe,
     one_f_one_b,
     render_grid,
+    simulate_timing,
     validate,
 )
 
@@ -121,3 +122,43 @@ def test_render_grid_exact():
         "stage 0 | F0 F1 .. .. B0 B1",
         "stage 1 | .. F0 F1 B0 B1 ..",
     ]
+
+
+# -- critical-path timing (benchmarks/pipeline_speed.py's bound) -------------------------------------
+
+
+def test_timing_compute_only_matches_hand_trace():
+    """1F1B, 2 stages, 4 microbatches, F = 1 s, B = 2 s, free link: traced by hand
+    (stage 0: F0 F1 . . B0 F2 B1 F3 B2 . B3 -> ends at 15)."""
+    t = simulate_timing(build_schedule("1f1b", 2, 4), lambda a: 1.0 if a.kind == "F" else 2.0, lambda a: 0.0)
+    assert t.step_s == 15.0
+    assert t.start[Action(0, "B", 0)] == 4.0 and t.end[Action(1, "B", 3)] == 13.0 and t.end[Action(0, "B", 3)] == 15.0
+
+
+@pytest.mark.parametrize("n_micro", [1, 2, 4, 8])
+def test_timing_link_bound_step_is_not_the_busiest_link(n_micro):
+    """Free compute, every message 1 s each way: the forward link is busy n_micro s and the
+    backward link n_micro s, so ``max(link seconds)`` says n_micro; but the last gradient can
+    only leave after the last activation arrived: the step takes n_micro + 1."""
+    t = simulate_timing(build_schedule("1f1b", 2, n_micro), lambda a: 0.0, lambda a: 1.0)
+    assert t.step_s == n_micro + 1
+    assert t.egress_free == {0: n_micro, 1: n_micro + 1}
+
+
+def test_timing_is_a_lower_bound_of_its_parts():
+    """The step is at least each stage's compute, and at least the sum along any chain."""
+    f, b, msg = 0.3, 0.5, 0.2
+    for name in ("gpipe", "1f1b"):
+        for S, M in [(2, 4), (3, 6), (4, 8)]:
+            t = simulate_timing(build_schedule(name, S, M), lambda a: f if a.kind == "F" else b, lambda a: msg)
+            assert t.step_s >= M * (f + b) - 1e-9
+            chain = S * f + (S - 1) * msg + S * b + (S - 1) * msg  # microbatch 0 down and back
+            assert t.step_s >= chain - 1e-9
+            free = simulate_timing(build_schedule(name, S, M), lambda a: f if a.kind == "F" else b, lambda a: 0.0)
+            assert free.step_s <= t.step_s
+
+
+def test_timing_refuses_a_deadlocking_schedule():
+    bad = {0: [Action(0, "F", 0), Action(0, "B", 0)], 1: [Action(1, "B", 0), Action(1, "F", 0)]}
+    with pytest.raises(PipelineDeadlock):
+        simulate_timing(bad, lambda a: 1.0, lambda a: 0.0)

@@ -47,6 +47,35 @@ def test_profiles():
         load_link_profile("carrier-pigeon")
 
 
+def test_tcp_framing_charges_headers_per_segment():
+    """1448 payload bytes per segment, 66 bytes of headers each (commtrain/comm/price.py):
+    a long stream gets 95.6% of the rate, as a tc-shaped link measured (95.6 Mbit/s at 100mbit)."""
+    from commtrain.comm import price
+    from commtrain.comm.link import LinkConfig
+    from commtrain.perfmodel.network import Transfer, as_link_network
+    from commtrain.validate import ConfigError
+
+    tcp = price.framing("tcp")
+    assert [tcp.wire_bytes(n) for n in (0, 1, 1448, 1449, 10 * 1448)] == [0, 67, 1514, 1449 + 132, 10 * 1514]
+    assert tcp.efficiency == pytest.approx(0.9564, abs=1e-4)
+    assert price.framed_bytes(12345) == 12345  # no framing by default
+    link = LinkModel(1e8, 1e-4, framing="tcp")
+    n = 1448 * 1000
+    assert link.cost_s(n) == pytest.approx(1e-4 + 8 * 1514 * 1000 / 1e8)
+    assert LinkModel(1e8, 1e-4).cost_s(n) == pytest.approx(1e-4 + 8 * n / 1e8)
+    # the Ethernet profiles charge it, the others do not; the config can override
+    assert load_link_profile("100mbit").framing == load_link_profile("1gbit").framing == "tcp"
+    assert load_link_profile("nvlink-server").framing == "none"
+    assert LinkConfig(profile="100mbit", framing="none").build().framing == "none"
+    assert LinkConfig(bandwidth="100mbit").build().framing == "none"
+    assert LinkConfig(bandwidth="100mbit", framing="tcp").build().cost_s(n) == pytest.approx(8 * 1514 * 1000 / 1e8)
+    with pytest.raises(ConfigError, match="link: link framing='udp' is invalid; allowed: none, tcp"):
+        LinkConfig(profile="1gbit", framing="udp").validate()
+    # the perf model prices a transfer exactly as the simulated link does
+    t = Transfer("grad", nbytes=5_000_000, rounds=2)
+    assert as_link_network("100mbit").time_s(t) == pytest.approx(load_link_profile("100mbit").cost_s(5_000_000, 2))
+
+
 def test_cost_model_is_fifo():
     link = LinkModel(1e8, 1e-3)
     assert link.cost_s(1_000_000, rounds=2) == pytest.approx(0.08 + 0.002)

@@ -1,9 +1,10 @@
 """LinkModel: a simulated network link (bandwidth, latency) that delays operations.
 
 The link is one FIFO egress resource per rank: an operation that puts ``nbytes`` on the
-wire in ``rounds`` sequential message rounds costs ``latency * rounds + 8 * nbytes /
-bandwidth`` seconds and cannot start before the previous operation on the link has
-finished::
+wire in ``rounds`` sequential message rounds costs ``latency * rounds + 8 * framed(nbytes) /
+bandwidth`` seconds (:func:`commtrain.comm.price.link_seconds`; ``framing="tcp"`` charges
+the TCP/IP/Ethernet headers of every segment, as a shaped link does) and cannot start
+before the previous operation on the link has finished::
 
     completion = max(now, link_free_at) + cost
 
@@ -23,6 +24,7 @@ import yaml
 
 from .. import resources
 from ..units import parse_bandwidth, parse_latency
+from .price import framing as _framing, link_seconds
 
 # Named link profiles ship with the package (``link.profile=1gbit``): commtrain/comm/link_profiles/.
 PROFILE_DIR = resources.directory(__package__, "link_profiles")
@@ -30,11 +32,13 @@ PROFILE_DIR = resources.directory(__package__, "link_profiles")
 
 @dataclass
 class LinkModel:
-    """``bandwidth_bps`` in bits per second (None = unthrottled), ``latency_s`` per message round."""
+    """``bandwidth_bps`` in bits per second (None = unthrottled), ``latency_s`` per message round,
+    ``framing`` the per-segment overhead the link charges (a :data:`price.FRAMINGS` name)."""
 
     bandwidth_bps: float | None = None
     latency_s: float = 0.0
     name: str = ""
+    framing: str = "none"
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     _free_at: float = field(default=0.0, init=False, repr=False, compare=False)
 
@@ -42,6 +46,7 @@ class LinkModel:
         if self.bandwidth_bps is not None:
             self.bandwidth_bps = parse_bandwidth(self.bandwidth_bps)
         self.latency_s = parse_latency(self.latency_s)
+        self.framing = _framing(self.framing).name
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -64,10 +69,7 @@ class LinkModel:
     # -- the cost model ------------------------------------------------------------------
     def cost_s(self, nbytes: int, rounds: int = 1) -> float:
         """Seconds the modeled link needs for ``nbytes`` in ``rounds`` message rounds."""
-        t = self.latency_s * rounds
-        if self.bandwidth_bps is not None:
-            t += 8.0 * nbytes / self.bandwidth_bps
-        return t
+        return link_seconds(nbytes, rounds, self.bandwidth_bps, self.latency_s, self.framing)
 
     def reserve(self, nbytes: int, rounds: int = 1) -> tuple[float, float]:
         """Book the link for one operation starting now; returns (deadline, cost_s).
@@ -94,7 +96,8 @@ class LinkModel:
         if not self.throttled:
             return "unthrottled"
         bw = "inf" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e9:g} Gbit/s"
-        return f"{bw}, {self.latency_s * 1e6:g} us"
+        frame = "" if self.framing == "none" else f", {self.framing} framing"
+        return f"{bw}, {self.latency_s * 1e6:g} us{frame}"
 
 
 def available_link_profiles() -> list[str]:
@@ -111,7 +114,8 @@ def load_link_profile(name: str) -> LinkModel:
     bw = data["bandwidth"]
     bandwidth = None if bw is None or str(bw).lower() in ("none", "inf") else parse_bandwidth(bw)
     stem = path.name.rsplit(".", 1)[0]
-    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", stem)))
+    return LinkModel(bandwidth, parse_latency(data.get("latency", 0.0)), name=str(data.get("name", stem)),
+                     framing=str(data.get("framing", "none")))
 
 
 def resolve_link(link: "LinkModel | str | None") -> LinkModel:
@@ -136,6 +140,9 @@ class LinkConfig:
     profile: Optional[str] = None  # a link profile name (e.g. 100mbit, 1gbit, 10gbit) or a YAML path
     bandwidth: Optional[str] = None  # e.g. "100mbit", "1gbit", "12.5GB" (per second)
     latency: Optional[str] = None  # e.g. "50us", "1ms"
+    # per-segment overhead the link charges: "tcp" (TCP/IP/Ethernet headers, what a tc-shaped or
+    # Ethernet link charges) or "none"; default: the profile's, else "none"
+    framing: Optional[str] = None
 
     def validate(self) -> None:
         from ..validate import ConfigError
@@ -152,9 +159,13 @@ class LinkConfig:
     def build(self) -> LinkModel | None:
         """The LinkModel this section describes, or None for an unthrottled link."""
         if self.profile is not None:
-            return load_link_profile(self.profile)
-        if self.bandwidth is None and self.latency is None:
+            link = load_link_profile(self.profile)
+        elif self.bandwidth is None and self.latency is None:
             return None
-        if self.bandwidth is None:  # a latency-only link has no bandwidth cap
-            return LinkModel(None, parse_latency(self.latency), name=f"latency {self.latency}")
-        return LinkModel.parse(f"{self.bandwidth},{self.latency or '0s'}")
+        elif self.bandwidth is None:  # a latency-only link has no bandwidth cap
+            link = LinkModel(None, parse_latency(self.latency), name=f"latency {self.latency}")
+        else:
+            link = LinkModel.parse(f"{self.bandwidth},{self.latency or '0s'}")
+        if self.framing is not None:
+            link.framing = _framing(self.framing).name
+        return link

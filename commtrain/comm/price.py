@@ -15,6 +15,12 @@ all_reduce (ring)   floor(2 (p - 1) / p * payload bytes)            2 (p - 1)
 p2p send            packet bytes                                    1
 ==================  ==============================================  ===============
 
+What a link charges is not only these bytes: a TCP stream is cut into segments of at most
+MSS payload bytes, and every segment carries protocol headers that the shaper (a ``tc``
+qdisc, a NIC) counts against the rate. :data:`FRAMINGS` prices that per link
+(:func:`framed_bytes`), and :func:`link_seconds` is the one formula every link model uses
+(the simulated :class:`commtrain.comm.LinkModel` and the perf model's links).
+
 Composite collectives (what :mod:`.collectives` does, one list of per-rank costs per wire
 operation): a summable codec's all-reduce is one ring all-reduce of its payload; any other
 codec's is a reduce-scatter (all-to-all of compressed chunks) then an all-gather of the
@@ -39,6 +45,64 @@ class Cost:
     def seconds(self, link) -> float:
         """Link seconds on a :class:`commtrain.comm.LinkModel` (``cost_s(nbytes, rounds)``)."""
         return link.cost_s(self.nbytes, self.rounds)
+
+
+# -- framing: the bytes a link charges for a payload ------------------------------------------------
+@dataclass(frozen=True)
+class Framing:
+    """A stream cut into segments of at most ``mss`` payload bytes, each charged
+    ``header_bytes`` more (``mss`` 0: no framing, the payload is what the link charges)."""
+
+    name: str
+    mss: int = 0
+    header_bytes: int = 0
+
+    def wire_bytes(self, nbytes: int) -> int:
+        if self.mss <= 0 or nbytes <= 0:
+            return int(nbytes)
+        return int(nbytes) + -(-int(nbytes) // self.mss) * self.header_bytes
+
+    @property
+    def efficiency(self) -> float:
+        """Payload share of what the link carries for a long stream (goodput / rate)."""
+        return self.mss / (self.mss + self.header_bytes) if self.mss > 0 else 1.0
+
+
+# ``tcp``: TCP over IPv4 over Ethernet at MTU 1500 with Linux's default TCP timestamps: MSS =
+# 1500 - 20 (IPv4) - 20 (TCP) - 12 (timestamp option) = 1448 payload bytes per segment, which
+# a qdisc (``tc tbf``, also on GSO super-packets: the kernel charges each segment's headers)
+# counts as a 1514-byte frame (+ 14 Ethernet header): goodput = 95.6% of the shaped rate, as
+# launch/netns.py --measure finds (95.6 Mbit/s on a 100mbit tbf). A physical NIC also spends
+# preamble, FCS and inter-frame gap (24 bytes more per frame, another 1.6%), not modeled.
+FRAMINGS = {
+    "none": Framing("none"),
+    "tcp": Framing("tcp", mss=1448, header_bytes=66),
+}
+
+
+def framing(name: "str | Framing | None") -> Framing:
+    if name is None:
+        return FRAMINGS["none"]
+    if isinstance(name, Framing):
+        return name
+    if name not in FRAMINGS:
+        raise ValueError(f"link framing={name!r} is invalid; allowed: {', '.join(FRAMINGS)}")
+    return FRAMINGS[name]
+
+
+def framed_bytes(nbytes: int, framing_name: "str | Framing | None" = None) -> int:
+    """Bytes a link charges to carry ``nbytes`` of payload."""
+    return framing(framing_name).wire_bytes(nbytes)
+
+
+def link_seconds(nbytes: int, rounds: int, bandwidth_bps: float | None, latency_s: float,
+                 framing_name: "str | Framing | None" = None) -> float:
+    """Seconds of a wire operation of ``nbytes`` payload in ``rounds`` message rounds on a link
+    of ``bandwidth_bps`` (None: infinite), ``latency_s`` per round and the given framing."""
+    t = latency_s * rounds
+    if bandwidth_bps is not None:
+        t += 8.0 * framed_bytes(nbytes, framing_name) / bandwidth_bps
+    return t
 
 
 # -- primitive operations ------------------------------------------------------------------------

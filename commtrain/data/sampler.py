@@ -10,7 +10,7 @@ samples, global batch size) -- not on the rank count. Each epoch drops the last
 ``sticky=True`` keeps every sample on one rank for the whole run: rank r owns the ids
 ``first_id + j * dp_size + r`` and reshuffles only those each epoch. AC-SGD needs this with
 data parallelism, because its per-sample activation buffers live on one replica: a sample
-dealt to another replica next epoch would be "unseen" there and sent uncompressed.
+dealt to another replica next epoch would be "unseen" there and sent as a first visit (8-bit, not a delta).
 """
 from __future__ import annotations
 

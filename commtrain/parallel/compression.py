@@ -14,8 +14,8 @@ every strategy at once.
 
 ``CompressionConfig`` is the ``compression`` section of the config tree. The gradient keys
 (``grad``, ``error_feedback``, ``warmup_steps``, ``min_numel``, ``policy``) are read here,
-``param`` by ZeRO's parameter all-gather, and the ``act*`` keys by the pipeline's activation
-channels (:mod:`commtrain.parallel.pipeline.acsgd`).
+``param`` by ZeRO's parameter all-gather, and the ``act*`` keys (``act``, ``act_first``,
+``act_grad``, ``act_delta``, ``act_buffer*``) by the pipeline's activation channels (:mod:`commtrain.parallel.pipeline.acsgd`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("auto", "always")
 DENSITY_START = 0.25  # kept fraction at the first compressed step of a density warm-up
 CHANNEL_KEYS = ("grad", "act", "act_grad", "param")
+# compression.act_first: the codec of an AC-SGD sample's first visit (a cheap 8-bit one).
+DEFAULT_ACT_FIRST = "quant:bits=8"
 
 
 @dataclass
@@ -44,6 +46,9 @@ class CompressionConfig:
     grad: str = "none"  # data-parallel gradients
     act: str = "none"  # pipeline forward activations
     act_grad: str = "none"  # pipeline backward activation gradients
+    # AC-SGD (act_delta): a sample's first visit, which fills both ends' buffer row with the
+    # decoded value ("none": fp32, as before this option)
+    act_first: str = DEFAULT_ACT_FIRST
     param: Optional[str] = None  # ZeRO parameter all-gather (None: exact)
     error_feedback: bool = True  # on lossy gradient codecs (and powersgd's own residuals)
     warmup_steps: int = 0  # uncompressed steps at the start (all channels)
@@ -63,7 +68,7 @@ class CompressionConfig:
     def validate(self) -> None:
         from .pipeline.buffers import PRECISIONS, available_storages
 
-        for key in CHANNEL_KEYS:
+        for key in CHANNEL_KEYS + ("act_first",):
             spec = getattr(self, key)
             if spec is None and key == "param":
                 continue

@@ -51,12 +51,10 @@ class LinkNetwork:
     bandwidth_bps: float | None
     latency_s: float
     name: str = "link"
+    framing: str = "none"  # the per-segment overhead the link charges (commtrain.comm.price.FRAMINGS)
 
     def time_s(self, t: Transfer) -> float:
-        s = self.latency_s * t.rounds
-        if self.bandwidth_bps is not None:
-            s += 8.0 * t.nbytes / self.bandwidth_bps
-        return s
+        return price.link_seconds(t.nbytes, t.rounds, self.bandwidth_bps, self.latency_s, self.framing)
 
     def describe(self) -> str:
         bw = "inf" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e9:g} Gbit/s"
@@ -103,7 +101,8 @@ def as_link_network(link) -> LinkNetwork:
     if bw is not None:
         check_pos("link.bandwidth_bps", bw)
     check_non_negative("link.latency_s", link.latency_s)
-    return LinkNetwork(None if bw is None else float(bw), float(link.latency_s), getattr(link, "name", "") or "link")
+    return LinkNetwork(None if bw is None else float(bw), float(link.latency_s), getattr(link, "name", "") or "link",
+                       getattr(link, "framing", "none"))
 
 
 # -- topology ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .schedules import (
     dry_run,
     register_schedule,
     render_grid,
+    simulate_timing,
     validate,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "dry_run",
     "register_schedule",
     "render_grid",
+    "simulate_timing",
     "validate",
 ]

@@ -226,3 +226,70 @@ def render_grid(timeline: list[dict[int, Action | None]], n_stages: int | None =
     header = "step    | " + " ".join(f"{t:>{width}}" for t in range(len(timeline)))
     body = [f"stage {s:<2}| " + " ".join(f"{c:>{width}}" for c in r) for s, r in enumerate(cells)]
     return "\n".join([header] + body)
+
+
+# -- timing: the schedule's critical path over a link ----------------------------------------------
+@dataclass
+class Timing:
+    """Event times of one step of a schedule (seconds from the step's start).
+
+    ``start``/``end``: of every action; ``arrive``: when the message an action sends (its
+    output activation forward, its input gradient backward) has crossed the link;
+    ``egress_free``: when each stage's outgoing link finishes its last message;
+    ``step_s``: when the last action ends."""
+
+    start: dict[Action, float] = field(default_factory=dict)
+    end: dict[Action, float] = field(default_factory=dict)
+    arrive: dict[Action, float] = field(default_factory=dict)
+    egress_free: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def step_s(self) -> float:
+        return max(self.end.values(), default=0.0)
+
+    def last_backward(self, stage: int) -> Action:
+        return max((a for a in self.end if a.stage == stage and a.kind == "B"), key=lambda a: self.end[a])
+
+
+def sends_message(a: Action, n_stages: int) -> bool:
+    """Does ``a`` send a message when it ends (F: its activation to stage+1; B: the input's
+    gradient to stage-1)?"""
+    return a.stage < n_stages - 1 if a.kind == "F" else a.stage > 0
+
+
+def simulate_timing(schedule: Schedule, compute_s: Callable[[Action], float],
+                    message_s: Callable[[Action], float]) -> Timing:
+    """Time one step of ``schedule`` as the executor runs it, event by event.
+
+    Each stage runs its actions in order, one at a time, an action starting when the stage is
+    free and its :func:`dependencies` have *arrived*; ``compute_s(a)`` is its duration. When
+    an action ends it hands its message (see :func:`sends_message`) to its stage's egress link,
+    one FIFO resource per stage (as :class:`commtrain.comm.LinkModel`, and as a ``tc``
+    egress queue): the message occupies the link for ``message_s(a)`` seconds (latency +
+    bytes / bandwidth) starting when both it and the link are ready, and arrives when that
+    ends. Nothing else costs time (no codec, no buffer, no framework overhead), so with
+    durations that are lower bounds on the real ones, ``step_s`` is a lower bound on the
+    real step: a critical-path bound of the schedule over the link. Unlike ``C + max(link
+    seconds)`` it knows that a 1F1B step cannot overlap the last microbatch's gradient with
+    its activation. Raises :class:`PipelineDeadlock` if the schedule cannot complete.
+    """
+    n_stages = len(schedule)
+    dry_run(schedule)  # deadlocks are reported with the grid, before any timing
+    t = Timing(egress_free={s: 0.0 for s in schedule})
+    pos = {s: 0 for s in schedule}
+    free = {s: 0.0 for s in schedule}
+    while any(pos[s] < len(schedule[s]) for s in schedule):
+        for s in range(n_stages):
+            while pos[s] < len(schedule[s]):
+                a = schedule[s][pos[s]]
+                deps = dependencies(a, n_stages)
+                if any(d not in t.end for d in deps):
+                    break
+                ready = [t.end[d] if d.stage == s else t.arrive[d] for d in deps]
+                t.start[a] = max([free[s], *ready])
+                t.end[a] = free[s] = t.start[a] + float(compute_s(a))
+                if sends_message(a, n_stages):
+                    go = max(t.end[a], t.egress_free[s])
+                    t.arrive[a] = t.egress_free[s] = go + float(message_s(a))
+                pos[s] += 1
+    return t
