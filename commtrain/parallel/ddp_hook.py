@@ -152,6 +152,10 @@ def commtrain_hook(state: CommtrainHookState, bucket: dist.GradBucket) -> torch.
         gc.codec_for(b, step)  # records "none" for this bucket
         h = comm.all_reduce(buf, gc.plain, channel="grad", op="mean", key=key, async_op=True)
         return _future_of([h], lambda rs: rs[0])
+    if gc.own_collective and not gc.compressing(b, step):
+        # left PowerSGD for raw (policy=auto): its residuals flush into the whole buffer, reduced raw
+        h = gc.all_reduce(b, buf.clone(), step)
+        return _future_of([h], lambda rs: rs[0])
     if gc.option(gc.spec_for(b, step)).powersgd is not None:  # PowerSGD: its two phases run synchronously
         out = torch.empty_like(buf)
         for g, r in zip(grads, gc.all_reduce(b, buf, step).wait()):
