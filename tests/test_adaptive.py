@@ -217,13 +217,39 @@ def _reducer_worker(rank, world):
                 link=gc.link_estimate.as_dict())
 
 
+def _act_worker(rank, world):
+    """compression.act=auto: both ends of a pipeline boundary choose alike."""
+    from commtrain.comm import Communicator, LinkModel
+
+    out = {}
+    for name, link in (("slow", "10mbit"), ("fast", None)):
+        comm = Communicator(link=LinkModel.parse(link) if link else None, timeout_s=60)
+        spec, rows, est = policy.choose_act_codec(comm, ["none", "fp16", "quant:bits=4", "powersgd:rank=4"],
+                                                  (4, 64, 64), torch.float32, "cpu")
+        out[name] = dict(spec=spec, rows=rows, bw=est.bandwidth_bps)
+        comm.close()
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_ranks(_run_all, 2, timeout=240)
 
 
 def _run_all(rank, world):
-    return {"agree": _agree_worker(rank, world), "ef": _ef_worker(rank, world), "reducer": _reducer_worker(rank, world)}
+    return {"agree": _agree_worker(rank, world), "ef": _ef_worker(rank, world), "reducer": _reducer_worker(rank, world),
+            "act": _act_worker(rank, world)}
+
+
+def test_act_auto_both_ends_choose_alike(two_ranks):
+    a0, a1 = two_ranks[0]["act"], two_ranks[1]["act"]
+    for name in ("slow", "fast"):
+        assert a0[name]["spec"] == a1[name]["spec"] and a0[name]["rows"] == a1[name]["rows"]
+        assert "powersgd" not in {r["codec"] for r in a0[name]["rows"]}  # cannot serve a p2p boundary
+    # 64 KB of activations: 52 ms raw at 10 Mbit/s; 4-bit sends ~8x fewer bytes
+    assert a0["slow"]["spec"] != "none", a0["slow"]["rows"]
+    best = min(a0["slow"]["rows"], key=lambda r: r["total_ms"])
+    assert best["codec"] == a0["slow"]["spec"]
 
 
 def test_ranks_with_different_local_timings_agree(two_ranks):

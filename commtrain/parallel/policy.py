@@ -9,10 +9,10 @@ bytes, and from no configured model (a simulated link is measured like a real on
    ``none``), each rank's median per size, the group's max per size (every rank holds one
    figure), fitted to ``latency * rounds + bytes / bandwidth`` over the price list's
    bytes and rounds. During training every wire operation of the group reports its wall
-   time (``Wire.observer``) and an EMA of the per-byte time follows the link (a link that
-   slows down, or one busy with other traffic). At a decision the group takes the *smallest*
-   EMA: a rank's wait in a collective includes waiting for the last peer to arrive; the last
-   one sees the transfer alone.
+   time (``Wire.observer``) and an EMA of the least per-byte time of the last few operations
+   follows the link (a link that slows down, or one busy with other traffic; the least,
+   because a rank's wait in a collective includes waiting for the last peer to arrive). At a
+   decision the group takes the *smallest* EMA (the last rank to arrive sees the transfer alone).
 2. **The codecs on this device**: each candidate's reduction of each bucket layout is
    rehearsed over a :class:`~commtrain.comm.wire.LoopbackWire` (the real collective code,
    PowerSGD included, mirrored peers, nothing sent): its wall time is the codec time, the
@@ -97,13 +97,20 @@ class LinkEstimate:
 
 
 class LinkTracker:
-    """The link estimate of one group: measured at start-up, then followed by an EMA of the
-    per-byte time of the group's own wire operations (``observe`` is the Wire's observer)."""
+    """The link estimate of one group: measured at start-up, then followed by the group's own
+    wire operations (``observe`` is the Wire's observer). A collective's wall time includes
+    waiting for the slowest peer to arrive (a peer still compressing, or still in backward),
+    so each observation is an upper bound of the transfer: the estimate is an EMA of the
+    *least* per-byte time of the last ``window`` observations, which drops such waits and
+    still rises within ``window`` operations when the link itself slows down."""
 
-    def __init__(self, estimate: LinkEstimate, alpha: float = EMA_ALPHA):
+    def __init__(self, estimate: LinkEstimate, alpha: float = EMA_ALPHA, window: int = 8):
+        from collections import deque
+
         self.estimate = estimate
         self.alpha = alpha
         self._ema = estimate.s_per_byte
+        self._recent: deque = deque(maxlen=window)
         self._n = 0
         self._lock = threading.Lock()
 
@@ -112,7 +119,8 @@ class LinkTracker:
             return
         spb = max(seconds - self.estimate.latency_s * rounds, 0.0) / nbytes
         with self._lock:
-            self._ema = (1 - self.alpha) * self._ema + self.alpha * spb
+            self._recent.append(spb)
+            self._ema = (1 - self.alpha) * self._ema + self.alpha * min(self._recent)
             self._n += 1
 
     def local(self) -> tuple[float, int]:
