@@ -326,7 +326,7 @@ class GradCompression:
         self._stale = False
         self.decide_now(step)
         every = self.cfg.redecide_every
-        self.next_decision = step + every if every > 0 else float("inf")
+        self.next_decision = step + every if every > 0 else 10**18  # never again
         return True
 
     def note_launch(self, key: str) -> None:
