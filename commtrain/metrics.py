@@ -152,6 +152,10 @@ def summary_line(rows: list[dict[str, Any]], out_dir) -> str:
                 chans[ch] = chans.get(ch, 0) + n
         used = {ch: n / len(wire) for ch, n in chans.items() if n}
         parts.append("wire/step " + (", ".join(f"{ch} {human_bytes(n)}" for ch, n in used.items()) or "0 B"))
+    decisions = [r for r in rows if r.get("event") == "compression_decision"]
+    if decisions:
+        d = decisions[-1]
+        parts.append(f"compression auto (step {d['step']}, {len(decisions)} decision(s)): {d['summary']}")
     skipped = sum(bool(r.get("skipped")) for r in steps)
     if skipped:
         parts.append(f"{skipped} step(s) skipped (non-finite loss or gradient norm)")

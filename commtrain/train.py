@@ -179,6 +179,7 @@ class Trainer:
             last = self.train_step(step)
             done = step + 1
             stop = self._after_step(last, done)
+            self._log_decision()
             self.metrics.log(last)
             if bar is not None:
                 bar.update(1)
@@ -293,6 +294,15 @@ class Trainer:
         return "signal" if self.guard.outcome().stop else None
 
     # -- pieces -----------------------------------------------------------------------------
+    def _log_decision(self) -> None:
+        """compression.policy=auto: write a new decision table to the metrics file (event
+        ``compression_decision``; rank 0 also logged it when it was taken)."""
+        gc = getattr(self.sync, "compression", None)
+        count = getattr(gc, "decision_count", 0)
+        if count and count != getattr(self, "_decisions_logged", 0):
+            self._decisions_logged = count
+            self.metrics.log({"event": "compression_decision", "channel": "grad", **gc.decision_record()})
+
     def _forward_backward(self, ids, x, y) -> float:
         with self.precision.autocast():
             _, loss = self.module(x, targets=y)

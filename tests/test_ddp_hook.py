@@ -51,8 +51,14 @@ def _hook_worker(rank, world):
     return {
         "stock": _train(rank, world, None),
         "none": _train(rank, world, "none"),
-        "quant4": _train(rank, world, "quant:bits=4,group=64", min_numel=512, warmup_steps=1),
-        "powersgd": _train(rank, world, "powersgd:rank=2,start_iter=1", min_numel=512, warmup_steps=1),
+        # pinned (policy=always): auto would (rightly, issue 11) send raw bytes on the fast loopback link
+        "quant4": _train(rank, world, "quant:bits=4,group=64", min_numel=512, warmup_steps=1, policy="always"),
+        "powersgd": _train(rank, world, "powersgd:rank=2,start_iter=1", min_numel=512, warmup_steps=1,
+                           policy="always"),
+        # auto decides from iteration 2 on and switches buckets between codecs: replicas stay identical
+        "auto": _train(rank, world, "quant:bits=4,group=64", min_numel=512, decide_after=0, redecide_every=3),
+        "auto_powersgd": _train(rank, world, "powersgd:rank=2,start_iter=0", min_numel=512, decide_after=0,
+                                redecide_every=3),
     }
 
 
@@ -76,6 +82,15 @@ def test_lossy_hook_trains_and_replicas_identical(runs, name):
     assert any(c.startswith(name[:5]) for c in a["codecs"].values())
     # Far fewer bytes than the uncompressed hook sent for the same steps.
     assert a["bytes"] < 0.5 * runs[0]["none"]["bytes"]
+
+
+@pytest.mark.parametrize("name", ["auto", "auto_powersgd"])
+def test_auto_hook_trains_and_replicas_identical(runs, name):
+    a, b = runs[0][name], runs[1][name]
+    for p, q in zip(a["params"], b["params"]):
+        assert torch.equal(p, q)
+    assert a["codecs"] == b["codecs"]
+    assert a["losses"][-1] < 0.5 * a["losses"][0], a["losses"]
 
 
 def test_quant_hook_keeps_ef_residuals_per_bucket(runs):

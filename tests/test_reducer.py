@@ -213,7 +213,8 @@ def _powersgd_worker(rank, world):
     exact_err = (got - u @ v * 1.5).abs().max().item()
     # 2) Training a model: loss decreases, replicas identical, bytes = P and Q factors only.
     model = make_model()
-    red = make_reducer(model, comm, codec="powersgd:rank=2", min_numel=512, bucket_mb=0.006)
+    # pinned (policy=always): under auto, the fast loopback link would (rightly) send raw bytes
+    red = make_reducer(model, comm, codec="powersgd:rank=2", min_numel=512, bucket_mb=0.006, policy="always")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = batch(0, 64)
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -249,14 +250,17 @@ def test_powersgd_dp_trains_and_replicas_identical(dp_runs):
     assert "powersgd:rank=2" in set(out[0]["codecs"].values())
 
 
-# -- compression.policy: "auto" prices each bucket on the link, "always" compresses ---------
+# -- compression.policy: "auto" prices each bucket on the measured link, "always" compresses ---------
+# (issue 11: auto decides at begin_step after compression.decide_after steps, from the measured
+# link -- a configured link model is measured like any other, and "no model" is the real link; the
+# runs decide at step 0 between none and the configured codec)
 POLICY_RUNS = {
     # name: (link, codec, policy)
     "fast_auto": ("1000gbit", "quant:bits=4", "auto"),     # raw 16 KB takes ~0.1 us: never pays
     "fast_always": ("1000gbit", "quant:bits=4", "always"),
     "slow_auto": ("1mbit", "quant:bits=4", "auto"),        # raw 16 KB takes ~130 ms: always pays
     "slow_auto_powersgd": ("1mbit", "powersgd:rank=2,start_iter=0", "auto"),
-    "unknown_bw_auto": (None, "quant:bits=4", "auto"),     # no bandwidth: compress as configured
+    "unknown_bw_auto": (None, "quant:bits=4", "auto"),     # no link model: the real (loopback) link is measured
 }
 
 
@@ -267,7 +271,8 @@ def _policy_worker(rank, world):
     for name, (link, codec, policy) in POLICY_RUNS.items():
         model = make_model()
         comm = Communicator(link=LinkModel.parse(link) if link else None, timeout_s=60)
-        red = make_reducer(model, comm, codec=codec, policy=policy, min_numel=512, bucket_mb=0.006)
+        red = make_reducer(model, comm, codec=codec, policy=policy, min_numel=512, bucket_mb=0.006,
+                           candidates=["none"], decide_after=0)
         x, y = batch(0)
         red.begin_step(0)
         loss_fn(model, x.chunk(world)[rank], y.chunk(world)[rank]).backward()
@@ -287,7 +292,7 @@ def policy_runs():
 
 
 def test_policy_auto_decisions_agree_across_ranks(policy_runs):
-    for name in ("fast_auto", "slow_auto", "slow_auto_powersgd"):
+    for name in ("fast_auto", "slow_auto", "slow_auto_powersgd", "unknown_bw_auto"):
         r0, r1 = (o["report"] for o in policy_runs[name])
         assert r0 and len(r0) == len(policy_runs[name][0]["compressible"])
         # The measured codec times are the group's max, so the inputs (not just the outcome) agree.
@@ -298,7 +303,8 @@ def test_policy_auto_decisions_agree_across_ranks(policy_runs):
 def test_policy_auto_fast_link_sends_raw(policy_runs):
     o = policy_runs["fast_auto"][0]
     assert not any(r["compress"] for r in o["report"])
-    assert all(r["codec_s"] > r["raw_s"] for r in o["report"])
+    # on the measured fast link the codec saves less exposed time than the tolerance (0.5 ms)
+    assert all(r["exposed_ms"]["quant:bits=4"] > r["exposed_ms"]["none"] - 0.5 for r in o["report"])
     assert set(o["codecs"].values()) == {"none"}
     assert o["bytes"] == o["raw_bytes"]  # ring, p=2: each rank sends the payload once
 
@@ -307,14 +313,17 @@ def test_policy_auto_slow_link_compresses(policy_runs):
     for name, spec in (("slow_auto", "quant:bits=4"), ("slow_auto_powersgd", "powersgd:rank=2,start_iter=0")):
         o = policy_runs[name][0]
         assert all(r["compress"] for r in o["report"]), o["report"]
-        assert all(r["compressed_s"] < r["raw_s"] / 2 for r in o["report"])
+        assert all(r["times"][spec][1] < r["times"]["none"][1] / 2 for r in o["report"])
         assert {o["codecs"][k] for k in o["compressible"]} == {spec}
         assert o["bytes"] < o["raw_bytes"] / 2
 
 
-def test_policy_always_and_unknown_bandwidth_compress(policy_runs):
-    for name in ("fast_always", "unknown_bw_auto"):
-        o = policy_runs[name][0]
-        assert o["report"] == []  # no decision taken
-        assert {o["codecs"][k] for k in o["compressible"]} == {"quant:bits=4"}
-        assert o["bytes"] < o["raw_bytes"] / 2
+def test_policy_always_compresses_and_no_link_model_is_measured(policy_runs):
+    o = policy_runs["fast_always"][0]
+    assert o["report"] == []  # no decision taken
+    assert {o["codecs"][k] for k in o["compressible"]} == {"quant:bits=4"}
+    assert o["bytes"] < o["raw_bytes"] / 2
+    # No link model: auto still decides, from the measured real link (no special case).
+    o = policy_runs["unknown_bw_auto"][0]
+    assert len(o["report"]) == len(o["compressible"])
+    assert all(r["times"]["none"][1] > 0 for r in o["report"])

@@ -61,7 +61,9 @@ def test_metrics_schema_and_wire_bytes(tmp_path):
 
 
 def test_stopped_and_resumed_run_reproduces_losses(tmp_path):
-    sets = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "train.checkpoint_every=3")
+    # pinned: auto's decisions follow measured timings, so two runs need not pick alike (issue 11)
+    sets = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "train.checkpoint_every=3",
+            "compression.policy=always")
     run(tmp_path / "full", 2, *sets)
     # Same config, killed after step 4 (checkpoint at 3), then restarted by hand.
     r = run(tmp_path / "cut", 2, *sets, env={"COMMTRAIN_FAULT_STEP": "4", "COMMTRAIN_FAULT_RANK": "1"}, check=False)
@@ -71,7 +73,8 @@ def test_stopped_and_resumed_run_reproduces_losses(tmp_path):
 
 
 def test_torchrun_max_restarts_recovers_from_a_killed_rank(tmp_path):
-    sets = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "train.checkpoint_every=2")
+    sets = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "train.checkpoint_every=2",
+            "compression.policy=always")  # pinned: see above
     run(tmp_path / "full", 2, *sets)
     # Kill rank 0 after step 5; torchrun restarts the group, which resumes from step 4.
     run(tmp_path / "crash", 2, *sets, env={"COMMTRAIN_FAULT_STEP": "5"}, extra=["--max-restarts=1"])
@@ -92,7 +95,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 def test_pp2_dp2_all_channels_compressed_resumes(tmp_path):
     sets = ("parallel.pp=2", "parallel.microbatches=2", "compression.grad=quant:bits=4,group=64",
             "compression.act=quant:bits=2,group=64", "compression.act_grad=quant:bits=4,group=64",
-            "compression.min_numel=512", "train.checkpoint_every=3", "data.max_bytes=20000")
+            "compression.min_numel=512", "train.checkpoint_every=3", "data.max_bytes=20000",
+            "compression.policy=always")  # pinned: auto's timing-driven decisions differ between runs
     run(tmp_path / "full", 4, *sets)
     steps = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "event" not in r]
     last_stage = [r for r in read_metrics(tmp_path / "full" / "metrics_rank2.jsonl") if "event" not in r]

@@ -40,7 +40,8 @@ def adamw(params):
 def ZeroOptimizer(named_params, optimizer_factory, comm, stage=1, grad_codec="none", param_codec=None,
                   min_numel=4096, bucket_mb=4.0, **kw):
     """The sync the trainer builds for ``zero.stage`` (0: plain data parallelism)."""
-    cc = CompressionConfig(grad=grad_codec, param=param_codec, min_numel=min_numel)
+    # pinned: auto's timing-driven decisions would differ between the straight and resumed runs
+    cc = CompressionConfig(grad=grad_codec, param=param_codec, min_numel=min_numel, policy="always")
     ZeroConfig(stage).validate()
     ZeroConfig(stage).check_compression(cc)
     if stage == 0:

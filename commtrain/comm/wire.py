@@ -22,6 +22,9 @@ padding byte is ever sent or metered.
 """
 from __future__ import annotations
 
+import time
+from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
 
@@ -38,6 +41,14 @@ class Wire:
         self.group, self.link, self.meter = group, link, meter
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        # Optional: called as observer(nbytes, rounds, seconds) after every collective with the
+        # wall time it took (throttle included), so that a link estimate can follow the link.
+        self.observer: Optional[Callable[[int, int, float], None]] = None
+
+    def _observe(self, c: price.Cost, t0: float) -> None:
+        obs = self.observer
+        if obs is not None:
+            obs(c.nbytes, c.rounds, time.perf_counter() - t0)
 
     def global_rank(self, group_rank: int) -> int:
         if self.group is None or self.group is dist.group.WORLD:
@@ -59,10 +70,12 @@ class Wire:
         """Exchange uint8 packets: ``send`` is this rank's packets back to back, ``send_splits[j]``
         bytes for rank j; returns the received bytes, ``recv_splits[i]`` from rank i."""
         c = price.all_to_all(send_splits, self.rank)
+        t0 = time.perf_counter()
         deadline, cost = self._reserve(c)
         out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
         self._finish(channel, c.nbytes, deadline, cost, send.device)
+        self._observe(c, t0)
         return out
 
     def all_gather(self, payload: torch.Tensor, sizes: list[int], channel: str) -> list[torch.Tensor]:
@@ -71,6 +84,7 @@ class Wire:
         if payload.numel() != sizes[r]:
             raise ValueError(f"all_gather: own packet has {payload.numel()} bytes, sizes[{r}]={sizes[r]}")
         c = price.all_gather(sizes, r)
+        t0 = time.perf_counter()
         deadline, cost = self._reserve(c)
         if all(s == sizes[0] for s in sizes):
             out = torch.empty(p * sizes[0], dtype=torch.uint8, device=payload.device)
@@ -84,14 +98,17 @@ class Wire:
             parts = list(out.split(recv_splits))
         parts[r] = payload
         self._finish(channel, c.nbytes, deadline, cost, payload.device)
+        self._observe(c, t0)
         return parts
 
     def all_reduce(self, buf: torch.Tensor, channel: str) -> torch.Tensor:
         """In-place SUM of a summable payload (in its wire dtype) over the group."""
         c = price.ring_all_reduce(buf.numel() * buf.element_size(), self.world_size)
+        t0 = time.perf_counter()
         deadline, cost = self._reserve(c)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         self._finish(channel, c.nbytes, deadline, cost, buf.device)
+        self._observe(c, t0)
         return buf
 
     def barrier(self) -> None:
@@ -132,6 +149,7 @@ class LoopbackWire(Wire):
         self.group, self.rank, self.world_size = None, 0, world_size
         self.link = link if link is not None else LinkModel(name="unthrottled")
         self.meter = meter if meter is not None else ByteMeter()
+        self.observer = None
 
     def global_rank(self, group_rank: int) -> int:
         return group_rank

@@ -42,6 +42,10 @@ class CommtrainHookState:
         self.comm = comm
         self.meter = getattr(comm, "meter", None)
         self.compression = GradCompression(compression, comm)
+        if self.compression.own_collective:  # its buckets hold every gradient: PowerSGD or raw
+            self.compression.candidates = ["none", self.compression.preferred]
+        else:  # buckets are gathered runs of compressible elements: no whole matrices for PowerSGD
+            self.compression.gathered_runs = True
         self.iteration = 0
         self._splits: dict[tuple, tuple[list, list]] = {}
         self._layouts: dict[str, tuple] = {}
@@ -136,13 +140,23 @@ def commtrain_hook(state: CommtrainHookState, bucket: dist.GradBucket) -> torch.
     grads, params = bucket.gradients(), bucket.parameters()
     comp_runs, plain_runs = state.split(key, buf, grads, params)
     b = state.bucket(key, buf, grads, comp_runs)
-    if b.compress and step >= gc.start_step and key not in {r["bucket"] for r in gc.decisions}:
-        gc.decide([b], "all_reduce")  # policy=auto, once per layout (a collective, in bucket order)
-    if not gc.compressing(b, step):
+    if gc.auto and b.compress:
+        gc.decide([b], "all_reduce")  # policy=auto: registers the bucket (the first call measures the link)
+    if bucket.index() == 0 and step >= 2:  # after DDP's bucket rebuild (iteration 1) every bucket is known
+        gc.begin_step(step)  # policy=auto: a decision at its steps (a collective, in bucket order)
+    if gc.auto:
+        gc.note_launch(key)
+        if bucket.is_last():
+            gc.note_backward_end()  # DDP calls the last bucket's hook when backward's gradients are all done
+    if not gc.compressing(b, step) and gc.last_spec.get(key, "none") == "none":
         gc.codec_for(b, step)  # records "none" for this bucket
         h = comm.all_reduce(buf, gc.plain, channel="grad", op="mean", key=key, async_op=True)
         return _future_of([h], lambda rs: rs[0])
-    if gc.own_collective:  # PowerSGD: its two phases run synchronously through comm
+    if gc.own_collective and not gc.compressing(b, step):
+        # left PowerSGD for raw (policy=auto): its residuals flush into the whole buffer, reduced raw
+        h = gc.all_reduce(b, buf.clone(), step)
+        return _future_of([h], lambda rs: rs[0])
+    if gc.option(gc.spec_for(b, step)).powersgd is not None:  # PowerSGD: its two phases run synchronously
         out = torch.empty_like(buf)
         for g, r in zip(grads, gc.all_reduce(b, buf, step).wait()):
             o = _offset(buf, g)

@@ -232,7 +232,8 @@ def _codecs(codecs: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = set(codecs) - set(CHANNELS)
     if unknown:
         raise ValueError(f"codecs has unknown channel(s) {sorted(unknown)}; allowed: {', '.join(CHANNELS)}")
-    return {ch: build_codec("none" if codecs.get(ch) is None else codecs[ch]) for ch in CHANNELS}
+    # "auto" (compression.act=auto) is decided at run time from measurements: priced as raw here
+    return {ch: build_codec("none" if codecs.get(ch) in (None, "auto") else codecs[ch]) for ch in CHANNELS}
 
 
 # -- network and compute --------------------------------------------------------------------------

@@ -32,6 +32,9 @@ package, on threads it owns.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import contextlib
 import os
 from typing import Any, Callable, ContextManager
@@ -46,6 +49,8 @@ from commtrain.compress import Packet, build_codec
 from ..compression import CompressionConfig
 from .acsgd import ActivationChannel
 from .schedules import Action, build_schedule
+
+log = logging.getLogger(__name__)
 
 
 class PipelineEngine:
@@ -154,19 +159,39 @@ class PipelineEngine:
             return None
         return os.path.join(self.out_dir, "acsgd", f"dp{self.mesh.dp_rank}_stage{self.stage}_{role}.bin")
 
-    def _ensure_channels(self, seq_len: int) -> None:
+    def _ensure_channels(self, seq_len: int, mb_rows: int = 1) -> None:
         if self.send_channel is not None or self.recv_channel is not None:
             if seq_len != self._seq_len:
                 raise ValueError(f"sequence length changed from {self._seq_len} to {seq_len}; pipeline shapes are static")
             return
         self._seq_len = seq_len
         row = (seq_len, self.hidden_size)
+        if self.act.act == "auto":
+            self._choose_act_codec((mb_rows, *row))
         if not self.is_last:
             self.send_channel = ActivationChannel.from_config(self.act, row, self.device, self.n_samples,
                                                               self._buffer_path("send"))
         if not self.is_first:
             self.recv_channel = ActivationChannel.from_config(self.act, row, self.device, self.n_samples,
                                                               self._buffer_path("recv"))
+
+    def _choose_act_codec(self, shape) -> None:
+        """``compression.act=auto``: every stage of the pipeline measures its link and the
+        candidates' encode/decode time on one microbatch's activation (a collective over the
+        pipeline group), and all take the codec with the least transfer time."""
+        from .. import policy
+
+        specs = list(dict.fromkeys(build_codec(s).spec for s in
+                                   ["none", *(self.act.candidates or policy.DEFAULT_CANDIDATES)]))
+        spec, rows, link = policy.choose_act_codec(self.comm, specs, shape, self.act_dtype, self.device)
+        self.act = dataclasses.replace(self.act, act=spec)
+        self.act_decision = {"codec": spec, "shape": list(shape), "rows": rows,
+                             "link": link.as_dict() if link is not None else None}
+        if self.comm.rank == 0:
+            table = "; ".join(f"{r['codec']}: codec {r['codec_ms']:.2f} + link {r['link_ms']:.2f} = "
+                              f"{r['total_ms']:.2f} ms" for r in rows)
+            log.warning("compression.act=auto on the %s: %s per microbatch boundary transfer (%s)",
+                        link.describe() if link is not None else "single-stage pipeline", spec, table)
 
     def _split(self, t: torch.Tensor, what: str) -> list[torch.Tensor]:
         if t.shape[0] % self.n_micro:
@@ -187,7 +212,7 @@ class PipelineEngine:
             raise ValueError(f"sample_ids has {sample_ids.numel()} entries for a batch of {x.shape[0]}")
         if self.act.act_delta and sample_ids.unique().numel() != sample_ids.numel():
             raise ValueError("sample_ids repeat within a batch; AC-SGD needs distinct samples per step")
-        self._ensure_channels(x.shape[1])
+        self._ensure_channels(x.shape[1], max(x.shape[0] // self.n_micro, 1))
         ids, xs, ys = self._split(sample_ids, "sample_ids"), self._split(x, "x"), self._split(y, "y")
         mb_shape = (xs[0].shape[0], x.shape[1], self.hidden_size)
 

@@ -49,7 +49,8 @@ class GradReducer:
         self.buckets = build_buckets(named_params, bucket_mb, compression.cfg.min_numel)
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._buffers = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]
-        # policy="auto": decided once, here, on every rank together (a collective).
+        # policy="auto": the buckets and the link are measured here, on every rank together (a
+        # collective); decisions follow in begin_step.
         compression.decide(self.buckets, "all_reduce")
         self.step = -1
         self.launched_in_backward = 0
@@ -72,6 +73,7 @@ class GradReducer:
         if self._handles:
             raise RuntimeError("GradReducer.begin_step: the previous step was not finished (call finish())")
         self.step = self.step + 1 if step is None else int(step)
+        self.compression.begin_step(self.step)  # policy=auto: a decision at its steps (collective)
         self._reset()
         self._armed = self.overlap if overlap is None else bool(overlap)
 
@@ -89,6 +91,7 @@ class GradReducer:
         if self.step < 0:
             self.step = 0
         self._armed = False
+        self.compression.note_backward_end()
         # For logs/tests: how many buckets were already on the wire when backward ended.
         self.launched_in_backward = len(self._handles)
         self._launch_ready(force=True)
@@ -148,6 +151,8 @@ class GradReducer:
             self._handles.append(self._launch(b, self._buffers[i]))
 
     def _launch(self, b: Bucket, buf: torch.Tensor):
+        if self._armed:
+            self.compression.note_launch(b.key)
         return self.compression.all_reduce(b, b.flatten_grads(buf), self.step)
 
 

@@ -126,6 +126,7 @@ class ZeroSync:
     def begin_step(self, step: int) -> None:
         """Set the step number (drives warm-up) and, at stage 2, arm the backward hooks."""
         self.step_count = int(step)
+        self.compression.begin_step(self.step_count)  # policy=auto: a decision at its steps (collective)
         self._reset()
         self._armed = self.stage == 2 and self.overlap
 
@@ -144,6 +145,7 @@ class ZeroSync:
         compression stats. ``veto(norm)`` True: no clip, no update, no gather (the master
         shard, optimizer state and parameters stay as they were)."""
         self._armed = False
+        self.compression.note_backward_end()
         self.launched_in_backward = self._launched  # buckets already reduce-scattering when backward ended
         if self.stage == 2:
             self._launch_ready(force=True)
@@ -234,6 +236,8 @@ class ZeroSync:
                     if q.grad is not None:
                         buf[b.offsets[j]:b.offsets[j] + q.numel()].copy_(q.grad.reshape(-1))
                         q.grad = None
+            if self._armed:
+                self.compression.note_launch(b.key)
             h = self.compression.reduce_scatter(b, self._stage_buffer(i), self.step_count)
             self._inflight.append((i, h))
             self._launched += 1
