@@ -24,7 +24,9 @@ from test_train import run
 # bf16 vs fp32, same seed/data, 6 steps of the tiny config: per-step loss difference bound.
 LOSS_TOL = 0.01  # measured: <= 0.0004 (dp, 4-bit grads) and 0.0003 (pp=2)
 GRAD = ("compression.grad=quant:bits=4,group=64", "compression.min_numel=512", "compression.policy=always")
-PP2 = ("parallel.pp=2", "parallel.microbatches=2", "compression.act=quant:bits=4,group=32")
+# act_first=none: first visits go in the compute dtype, so the bytes below show bf16's halving.
+PP2 = ("parallel.pp=2", "parallel.microbatches=2", "compression.act=quant:bits=4,group=32",
+       "compression.act_first=none")
 
 
 def _rows(run_dir, name="metrics.jsonl"):
@@ -178,7 +180,7 @@ def test_bf16_dp_and_pp2_track_fp32(tmp_path):
         assert max(diffs) < LOSS_TOL, diffs
         assert b[-1]["loss"] < b[0]["loss"] - 0.5  # it trains
         assert any(x["loss"] != y["loss"] for x, y in zip(a, b))  # and really ran in bf16
-    # the pipeline's first step sends every activation uncompressed (AC-SGD's first epoch):
+    # the pipeline's first step sends every activation uncompressed (first visits, act_first=none):
     # in bf16 that is half of fp32's bytes; act_grad (codec none) likewise on every step.
     act = lambda d, name="metrics.jsonl": [r["wire_bytes"]["act"] for r in _rows(tmp_path / d, name)]  # noqa: E731
     mb_elems = 2 * 32 * 64  # microbatch 2 x seq 32 x width 64
