@@ -68,7 +68,9 @@ def test_summary_statistics_and_verdicts(bench):
     table = bench.format_table(data)
     assert "+1.50% (vs pp2 fp32)" in table and "| fp32 | 3 | 2.0000 |" in table
     assert "| quant 4-bit + EF | 3 |" in table and "<= +1%: met" in table and "<= +1%: MISSED" in table
-    assert [s["name"] for s in bench.summarize(data)][:3] == ["fp32", "quant 4-bit + EF", "later row"]
+    # ROWS' order first (pp2 fp32 is a ROWS row), then rows outside ROWS, sorted.
+    assert [s["name"] for s in bench.summarize(data)] == ["fp32", "quant 4-bit + EF", "pp2 fp32", "later row",
+                                                         "pp2 codec"]
 
 
 def test_unknown_row_is_refused(bench, capsys):
