@@ -69,7 +69,8 @@ def test_dry_run_of_the_whole_script(tmp_path):
     lines = summary.strip().splitlines()
     assert len(lines) == 5 and lines[0].startswith("gpu_check on CPU")
     assert lines[1].startswith("[SKIPPED: dry run") and "[ok" in lines[2] and "(dry run)" in lines[2]
-    assert "1-rank train (gloo, fp32" in lines[3] and "6 steps" in lines[3]
+    # train.precision exists, so the check trains in bf16 (autocast works on CPU too)
+    assert "1-rank train (gloo, bf16" in lines[3] and "6 steps" in lines[3]
     assert (out / "train" / "metrics.jsonl").is_file() and not (out / "train" / "checkpoints").exists()
     status = dict(line.split("\t")[:2] for line in (out / "status.tsv").read_text().splitlines())
     assert status == {"env": "0", "cupy": "skip", "cupy_tests": "5", "codecs": "0", "train": "0", "streams": "0"}
