@@ -94,10 +94,29 @@ def test_link_tracker_follows_observed_transfers():
     tr = policy.LinkTracker(policy.LinkEstimate(latency_s=0.0, s_per_byte=1e-9))
     for _ in range(30):  # the link slowed down 10x
         tr.observe(1 << 20, 2, (1 << 20) * 1e-8)
-    spb, n = tr.local()
-    assert n == 30 and spb == pytest.approx(1e-8, rel=0.01)
-    tr.observe(100, 2, 1.0)  # tiny operations say nothing about bandwidth
-    assert tr.local()[1] == 30
+    lat, spb, n = tr.local()
+    assert n == 30 and lat == 0.0 and spb == pytest.approx(1e-8, rel=0.01)
+    tr.observe(100, 2, 1.0)  # control messages say nothing about the link
+    assert tr.local()[2] == 30
+
+
+def test_link_tracker_refits_latency_from_training_traffic():
+    """The start-up probe ran on a busy CPU (latency 1 ms per round, 20x too high); the buckets'
+    own operations, two sizes, some of them slowed by waiting for a peer, give back the true
+    latency and bandwidth from their lower envelope."""
+    lat, spb = 50e-6, 8e-9  # 1 Gbit/s
+    tr = policy.LinkTracker(policy.LinkEstimate(latency_s=1e-3, s_per_byte=5e-9))
+    for i in range(40):
+        n = (4 << 20) if i % 4 else (512 << 10)
+        wait = 0.02 * (i % 3)  # a peer still in backward
+        tr.observe(n, 2, 2 * lat + spb * n + wait)
+    got_lat, got_spb, n = tr.local()
+    assert got_lat == pytest.approx(lat, rel=1e-3) and got_spb == pytest.approx(spb, rel=1e-3)
+    # with one size only, the per-byte time follows the fastest operation, latency stays the probe's
+    tr1 = policy.LinkTracker(policy.LinkEstimate(latency_s=1e-3, s_per_byte=5e-9))
+    for i in range(10):
+        tr1.observe(4 << 20, 2, 2e-3 + spb * (4 << 20) + 0.01 * i)
+    assert tr1.local()[:2] == pytest.approx((1e-3, spb), rel=1e-6)
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -138,7 +157,7 @@ def _agree_worker(rank, world):
     b = Bucket("bucket0", True, ["w"], [w], [0], w.numel(), w.numel())
     gc.decide([b])
     gc._slack["bucket0"] = 0.001 * (1 + rank)  # different local slack too
-    gc.link._ema *= 1 + rank  # and a different observed link
+    gc.link.observe(1 << 20, 2, 0.01 * (1 + rank))  # and a different observed link
     assert gc.begin_step(0)
     comm.close()
     return dict(est=(est.latency_s, est.s_per_byte), table=gc.decisions, choice=dict(gc.choice),

@@ -9,10 +9,11 @@ bytes, and from no configured model (a simulated link is measured like a real on
    ``none``), each rank's median per size, the group's max per size (every rank holds one
    figure), fitted to ``latency * rounds + bytes / bandwidth`` over the price list's
    bytes and rounds. During training every wire operation of the group reports its wall
-   time (``Wire.observer``) and an EMA of the least per-byte time of the last few operations
-   follows the link (a link that slows down, or one busy with other traffic; the least,
-   because a rank's wait in a collective includes waiting for the last peer to arrive). At a
-   decision the group takes the *smallest* EMA (the last rank to arrive sees the transfer alone).
+   time (``Wire.observer``), and latency and per-byte time are refitted to the lower envelope
+   of the last few operations (a link that slows down, or one busy with other traffic, is
+   followed; the *fastest* operation per size, because a rank's wait in a collective includes
+   waiting for the last peer to arrive). At a decision the group takes the smallest figures
+   (the last rank to arrive sees the transfer alone).
 2. **The codecs on this device**: each candidate's reduction of each bucket layout is
    rehearsed over a :class:`~commtrain.comm.wire.LoopbackWire` (the real collective code,
    PowerSGD included, mirrored peers, nothing sent): its wall time is the codec time, the
@@ -62,8 +63,9 @@ REPS = 3  # timed repetitions per rehearsal (after one untimed warm-up); the med
 PROBE_BYTES = (1 << 10, 16 << 10, 256 << 10, 2 << 20)  # start-up link probe: all-reduce payload sizes
 PROBE_BUDGET_S = 0.05  # ... ascending, until one takes longer than this (slow links: fewer, small probes)
 PROBE_REPS = 3
-EMA_ALPHA = 0.2  # weight of a new observation (link per-byte time, bucket slack)
-MIN_OBS_BYTES = 64 << 10  # smaller wire operations are latency-bound: they say little about bandwidth
+EMA_ALPHA = 0.2  # weight of a new observation (bucket slack)
+MIN_FIT_BYTES = 1 << 10  # wire operations below this are control messages: they are not fitted
+MIN_OBS_BYTES = 64 << 10  # smaller wire operations are latency-bound: alone, they say little about bandwidth
 TOLERANCE_S = 0.5e-3  # a codec must lower the exposed time by more than this to replace raw
 DEFAULT_CANDIDATES = ("none", "fp16", "quant:bits=8", "quant:bits=4", "powersgd:rank=4")
 
@@ -98,42 +100,63 @@ class LinkEstimate:
 
 class LinkTracker:
     """The link estimate of one group: measured at start-up, then followed by the group's own
-    wire operations (``observe`` is the Wire's observer). A collective's wall time includes
-    waiting for the slowest peer to arrive (a peer still compressing, or still in backward),
-    so each observation is an upper bound of the transfer: the estimate is an EMA of the
-    *least* per-byte time of the last ``window`` observations, which drops such waits and
-    still rises within ``window`` operations when the link itself slows down."""
+    wire operations (``observe`` is the Wire's observer).
 
-    def __init__(self, estimate: LinkEstimate, alpha: float = EMA_ALPHA, window: int = 8):
+    A collective's wall time includes waiting for the slowest peer to arrive (a peer still
+    compressing, or still in backward), so each observation is an upper bound of the transfer.
+    The estimate is therefore fitted to the *lower envelope* of the last ``window`` operations:
+    the fastest operation of each size class (powers of two), fitted to ``latency * rounds +
+    bytes * s_per_byte`` when the window holds sizes at least 4x apart; with one size class
+    only, the per-byte time follows that class's fastest operation and the latency stays the
+    start-up probe's. Fitting both from training traffic matters: the start-up probe's latency
+    is inflated when the CPU is busy (small all-reduces wait for a core), and subtracting an
+    inflated latency from every bucket's time would make the link look faster than it is."""
+
+    def __init__(self, estimate: LinkEstimate, window: int = 32):
         from collections import deque
 
         self.estimate = estimate
-        self.alpha = alpha
-        self._ema = estimate.s_per_byte
-        self._recent: deque = deque(maxlen=window)
+        self._obs: deque = deque(maxlen=window)
         self._n = 0
         self._lock = threading.Lock()
 
     def observe(self, nbytes: int, rounds: int, seconds: float) -> None:
-        if nbytes < MIN_OBS_BYTES:
+        if nbytes < MIN_FIT_BYTES:  # control messages: all wait, no bandwidth
             return
-        spb = max(seconds - self.estimate.latency_s * rounds, 0.0) / nbytes
         with self._lock:
-            self._recent.append(spb)
-            self._ema = (1 - self.alpha) * self._ema + self.alpha * min(self._recent)
+            self._obs.append((int(nbytes), int(rounds), float(seconds)))
             self._n += 1
 
-    def local(self) -> tuple[float, int]:
+    def local(self) -> tuple[float, float, int]:
+        """(latency_s, s_per_byte, operations observed) from this rank's recent operations."""
         with self._lock:
-            return self._ema, self._n
+            obs, n = list(self._obs), self._n
+        lat, spb = self.estimate.latency_s, self.estimate.s_per_byte
+        if not obs:
+            return lat, spb, 0
+        fastest: dict[int, tuple[int, int, float]] = {}
+        for b, r, t in obs:  # the lower envelope: the fastest operation per size class
+            k = b.bit_length()
+            if k not in fastest or t < fastest[k][2]:
+                fastest[k] = (b, r, t)
+        env = list(fastest.values())
+        sizes = [b for b, _, _ in env]
+        if len(env) >= 2 and max(sizes) >= 4 * min(sizes):
+            return (*fit_link(env), n)
+        big = [(b, r, t) for b, r, t in env if b >= MIN_OBS_BYTES]
+        if big:
+            spb = min(max(t - lat * r, 0.0) / b for b, r, t in big)
+        return lat, spb, n
 
     def agree(self, comm) -> LinkEstimate:
-        """The group's estimate now (a collective): the smallest per-rank EMA."""
-        spb, n = self.local()
-        spb = -float(comm.agree_max(torch.tensor([-spb], dtype=torch.float64))[0])
+        """The group's estimate now (a collective): the smallest per-rank latency and per-byte
+        time (the last rank to arrive sees the transfer alone)."""
+        lat, spb, n = self.local()
+        lat, spb = (-comm.agree_max(torch.tensor([-lat, -spb], dtype=torch.float64))).tolist()
         est = self.estimate
         if n:
-            est = dataclasses.replace(est, s_per_byte=spb, source="probe+observed", observed=n)
+            est = dataclasses.replace(est, latency_s=float(lat), s_per_byte=float(spb), source="probe+observed",
+                                      observed=n)
         return est
 
 
