@@ -270,6 +270,8 @@ def test_meter_is_thread_safe_and_complete():
     assert snap["bytes"]["grad"] == 12000 and snap["ops"]["grad"] == 4000 and snap["total_bytes"] == 12000
     assert snap["modeled_s"]["grad"] == pytest.approx(2000.0)
     assert m.total() == 0
+    m.add("grad", 5)  # lifetime bytes survive the per-step reset (a span across steps is their difference)
+    assert m.lifetime_bytes["grad"] == 12005 and m.bytes["grad"] == 5
     with pytest.raises(ValueError, match="channel"):
         m.add("weights", 1)
     with pytest.raises(ValueError, match="nbytes"):

@@ -27,6 +27,7 @@ class ByteMeter:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._lifetime = dict.fromkeys(CHANNELS, 0)  # never reset: for spans that cross a snapshot
         self._reset()
 
     def _reset(self) -> None:
@@ -40,6 +41,7 @@ class ByteMeter:
             raise ValueError(f"nbytes={nbytes!r} is invalid; allowed: an integer >= 0")
         with self._lock:
             self._bytes[channel] += int(nbytes)
+            self._lifetime[channel] += int(nbytes)
             self._ops[channel] += int(ops)
             self._modeled[channel] += float(modeled_s)
 
@@ -47,6 +49,13 @@ class ByteMeter:
     def bytes(self) -> dict[str, int]:
         with self._lock:
             return dict(self._bytes)
+
+    @property
+    def lifetime_bytes(self) -> dict[str, int]:
+        """Bytes per channel since the meter was made (``snapshot(reset=True)`` leaves them):
+        the bytes of an operation that spans a step boundary are a difference of these."""
+        with self._lock:
+            return dict(self._lifetime)
 
     @property
     def ops(self) -> dict[str, int]:

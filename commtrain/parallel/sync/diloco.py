@@ -206,7 +206,9 @@ class DiLoCo:
         return torch.cat([v.reshape(-1) for v in out]) if isinstance(out, list) else out.reshape(-1)
 
     def _sent_bytes(self) -> int:
-        return int(self.comm.meter.bytes["grad"]) if getattr(self.comm, "meter", None) is not None else 0
+        # lifetime bytes: the trainer resets the meter's per-step counts between start and finish
+        meter = getattr(self.comm, "meter", None)
+        return int(meter.lifetime_bytes["grad"]) if meter is not None else 0
 
     # -- layout ------------------------------------------------------------------------------------
     @staticmethod
