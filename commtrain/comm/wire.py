@@ -10,9 +10,15 @@ the message rounds -- is the price list of :mod:`.price`, its one copy.
 For the ring all-reduce the bytes handed to torch are the whole payload; what a ring
 puts on *this rank's* link is the standard 2(p-1)/p of it, and that is what is metered.
 
-Throttling: collectives run the real operation first and then sleep until the modeled
-completion; a send first waits for its modeled completion and only then sends, so the
-receiver sees the data at the modeled arrival time without sleeping itself.
+Throttling: a collective's modeled transfer starts when the *last* rank has joined it, as on
+a real link, where a peer's bytes only leave when that peer arrives: on a throttled link the
+ranks first exchange a one-byte token (the join; not metered: a real collective's
+handshake), then the link is booked, the real operation runs, and the rank sleeps until the
+modeled completion. (Booking at a rank's own arrival instead hides part of the modeled
+transfer behind the wait for a slower peer, which made the simulated link optimistic
+against a real ``tc`` link for compressed codecs, whose codec work skews the ranks.) A send
+first waits for its modeled completion and only then sends, so the receiver sees the data
+at the modeled arrival time without sleeping itself.
 
 All-to-all uses ``dist.all_to_all_single`` with split sizes (gloo supports it for uint8
 CPU tensors, uneven and empty splits included, checked on torch 2.13), and all-gather of
@@ -58,6 +64,13 @@ class Wire:
     def _reserve(self, c: price.Cost) -> tuple[float, float]:
         return self.link.reserve(c.nbytes, rounds=c.rounds)
 
+    def _join(self, c: price.Cost, device: torch.device) -> tuple[float, float]:
+        """Book a collective's link time from the moment every rank has joined it (module
+        docstring): a one-element all-reduce first, on a throttled link only."""
+        if self.link.throttled:
+            dist.all_reduce(torch.zeros(1, dtype=torch.uint8, device=device), group=self.group)
+        return self._reserve(c)
+
     def _finish(self, channel: str, nbytes: int, deadline: float, cost: float, device: torch.device) -> None:
         self.meter.add(channel, nbytes, ops=1, modeled_s=cost)
         if self.link.throttled:
@@ -71,7 +84,7 @@ class Wire:
         bytes for rank j; returns the received bytes, ``recv_splits[i]`` from rank i."""
         c = price.all_to_all(send_splits, self.rank)
         t0 = time.perf_counter()
-        deadline, cost = self._reserve(c)
+        deadline, cost = self._join(c, send.device)
         out = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
         dist.all_to_all_single(out, send, recv_splits, send_splits, group=self.group)
         self._finish(channel, c.nbytes, deadline, cost, send.device)
@@ -85,7 +98,7 @@ class Wire:
             raise ValueError(f"all_gather: own packet has {payload.numel()} bytes, sizes[{r}]={sizes[r]}")
         c = price.all_gather(sizes, r)
         t0 = time.perf_counter()
-        deadline, cost = self._reserve(c)
+        deadline, cost = self._join(c, payload.device)
         if all(s == sizes[0] for s in sizes):
             out = torch.empty(p * sizes[0], dtype=torch.uint8, device=payload.device)
             getattr(dist, ALL_GATHER)(out, payload, group=self.group)
@@ -105,7 +118,7 @@ class Wire:
         """In-place SUM of a summable payload (in its wire dtype) over the group."""
         c = price.ring_all_reduce(buf.numel() * buf.element_size(), self.world_size)
         t0 = time.perf_counter()
-        deadline, cost = self._reserve(c)
+        deadline, cost = self._join(c, buf.device)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         self._finish(channel, c.nbytes, deadline, cost, buf.device)
         self._observe(c, t0)
