@@ -1,7 +1,7 @@
 """Spawn N gloo ranks on loopback for a test: ``run_ranks(fn, world_size, *args)``.
 
-``fn(rank, world_size, *args)`` runs in a fresh process (``spawn`` context, so ``fn``
-must be a module-level function) after ``dist.init_process_group("gloo")`` on
+``fn(rank, world_size, *args)`` runs in a fresh process (``forkserver`` context with torch
+preloaded, so ``fn`` must be a module-level function) after ``dist.init_process_group("gloo")`` on
 127.0.0.1 with a free port; its return values come back as a list indexed by rank.
 If any rank raises, ``run_ranks`` raises RuntimeError carrying that rank's traceback;
 if the ranks do not all finish within ``timeout`` seconds they are killed and
@@ -53,8 +53,21 @@ def _entry(fn, rank, world_size, port, pg_timeout, threads, results, args):
             pass
 
 
+# Ranks start from a fork server that has imported torch (and torch._dynamo, which every
+# optimizer's constructor imports) once: a fresh process, as with ``spawn``, without paying
+# ~3 s of imports per rank per test. Nothing in it has touched torch.distributed or threads.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "commtrain.comm", "commtrain.compress",
+            "commtrain.parallel", "commtrain.train"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_ranks(fn, world_size: int, *args, timeout: float = 120, pg_timeout: float = 30, threads: int = 1) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -88,6 +101,78 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120, pg_timeout: floa
                 p.kill()
                 p.join(5)
     return [outs[r] for r in range(world_size)]
+
+
+def _cli_entry(rank, nproc, port, argv, env, out_path, err_path):
+    """One rank of ``commtrain <argv>`` as torchrun would start it (its environment protocol;
+    rank 0 hosts the store, as without torchrun's agent), stdout/stderr to files."""
+    import sys
+
+    for fd, path in ((1, out_path), (2, err_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_RESTART_COUNT="0")
+    torch.set_num_threads(1)  # torch was imported before OMP_NUM_THREADS was set (the fork server)
+    code = 1
+    try:
+        from commtrain.cli import main
+
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code or 0))
+
+
+def launch(nproc: int, argv: list[str], env: dict | None = None, timeout: float = 240):
+    """``torchrun --nproc_per_node=N -m commtrain <argv>`` for tests, without torchrun's own
+    process and the per-rank imports (ranks fork from the preloaded server): a
+    ``subprocess.CompletedProcess`` whose stdout/stderr are the ranks' (rank order) and whose
+    returncode is the first failing rank's. As torchrun does, once a rank fails the others are
+    sent SIGTERM (then killed after 30 s); after ``timeout`` all are killed and TimeoutError raised."""
+    import signal
+    import subprocess
+    import tempfile
+
+    ctx = _context()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="ct_launch") as tmp:
+        outs = [(os.path.join(tmp, f"out{r}"), os.path.join(tmp, f"err{r}")) for r in range(nproc)]
+        procs = [ctx.Process(target=_cli_entry, args=(r, nproc, port, argv, dict(env or {}), *outs[r]))
+                 for r in range(nproc)]
+        for p in procs:
+            p.start()
+        deadline, failed, term_at = time.monotonic() + timeout, None, None
+        try:
+            while any(p.exitcode is None for p in procs):
+                time.sleep(0.05)
+                if failed is None:
+                    failed = next((p.exitcode for p in procs if p.exitcode not in (None, 0)), None)
+                    if failed is not None:
+                        term_at = time.monotonic()
+                        for p in procs:
+                            if p.exitcode is None:
+                                os.kill(p.pid, signal.SIGTERM)
+                if term_at is not None and time.monotonic() > term_at + 30:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"commtrain {' '.join(argv[:1])}: ranks did not finish within {timeout:g} s")
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+        codes = [p.exitcode for p in procs]
+        code = failed if failed is not None else next((c for c in codes if c), 0)
+        read = lambda path: open(path, errors="replace").read()  # noqa: E731
+        return subprocess.CompletedProcess(["commtrain", *argv], code, "".join(read(o) for o, _ in outs),
+                                           "".join(read(e) for _, e in outs))
 
 
 class NonSummable:

@@ -10,6 +10,7 @@ import torch
 
 from commtrain.config import CONFIG_DIR
 from commtrain.metrics import read_metrics
+from dist_utils import launch as launch_ranks
 
 TINY = CONFIG_DIR / "tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -21,14 +22,21 @@ def _port():
         return s.getsockname()[1]
 
 
-def run(tmp, nproc, *sets, env=None, extra=(), check=True, timeout=240):
+def run(tmp, nproc, *sets, env=None, extra=(), check=True, timeout=240, torchrun=False):
+    """``commtrain train`` on ``nproc`` ranks: through torchrun itself when asked (``torchrun``, or
+    torchrun arguments in ``extra``), else forked from the preloaded server (dist_utils.launch:
+    the same entry point and environment protocol, ~5 s less per run)."""
     out = Path(tmp)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_port()}", *extra, "-m", "commtrain", "train", "--config", str(TINY),
-           "--set", f"out_dir={out}", "--set", "train.progress=false", "--set", "timeout_s=60"]
+    argv = ["train", "--config", str(TINY), "--set", f"out_dir={out}", "--set", "train.progress=false",
+            "--set", "timeout_s=60"]
     for s in sets:
-        cmd += ["--set", s]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+        argv += ["--set", s]
+    if not (torchrun or extra):
+        r = launch_ranks(nproc, argv, env=env, timeout=timeout)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_port()}", *extra, "-m", "commtrain", *argv]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
