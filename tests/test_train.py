@@ -1,4 +1,4 @@
-"""End-to-end trainer runs under torchrun (gloo on loopback): equivalence, resume, recovery, pp x dp."""
+"""End-to-end trainer runs on gloo/loopback (ranks forked with torchrun's environment, or torchrun itself): equivalence, resume, recovery, pp x dp."""
 import os
 import socket
 import subprocess
