@@ -56,6 +56,16 @@ def test_plan_hidden_buckets_stay_raw():
     assert all(r["why"].startswith("hidden") for r in rows)
 
 
+def test_plan_between_codecs_exposing_alike_prefers_the_one_busy_for_less():
+    # Raw (400 ms of link) cannot hide in 250 ms of slack; fp16 (200 ms) and powersgd (20 ms)
+    # both hide, so both expose 0: the plan takes powersgd, which still hides if the slack was
+    # measured 10x too large (sim 100 Mbit/s: a predicted-hidden fp16 bucket exposed 150 ms).
+    times = {"none": (1.0, 400.0), "fp16": (5.0, 200.0), "powersgd:rank=4": (12.0, 8.0)}
+    rows = policy.plan(_rows((250.0, times)), list(times), "quant:bits=4", cpu_shared=False)
+    assert rows[0]["exposed_ms"]["fp16"] == rows[0]["exposed_ms"]["powersgd:rank=4"] == 0.0
+    assert rows[0]["chosen"] == "powersgd:rank=4"
+
+
 def test_plan_queueing_behind_an_earlier_bucket_is_exposure():
     # Both ready 30 ms before the end; raw takes 25 ms each on the one FIFO worker: the second
     # ends 20 ms after backward. Compressing one of them is enough.

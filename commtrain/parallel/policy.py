@@ -28,9 +28,11 @@ bucket starts when it is ready and the previous one is done, and lasts codec + l
 on a CPU device the codec work done while backward still runs takes backward's cores and
 delays the end of backward by as much. The exposed time of an assignment is how long after
 the end of a communication-free backward the last reduction ends. Starting from every
-bucket raw, a coordinate descent (two passes, bucket by bucket) switches a bucket to the
-candidate that lowers the exposed time by more than ``TOLERANCE_S`` (ties keep raw, then
-the user's preferred codec ``compression.grad``). A bucket whose raw transfer hides behind
+bucket raw, a coordinate descent (two passes, bucket by bucket) switches a bucket to a
+codec when that lowers the exposed time by more than ``TOLERANCE_S``; of the codecs, the
+one with the least exposed time plus ``BUSY_WEIGHT`` x its codec + link time (of two
+predicted to expose alike, the one that keeps link and CPU busy for less: it survives a
+slack that was measured too large; then the user's preferred codec ``compression.grad``). A bucket whose raw transfer hides behind
 backward therefore stays raw: no candidate can beat zero.
 
 The decision table (one row per compressible bucket: size, slack, each candidate's codec,
@@ -67,6 +69,7 @@ EMA_ALPHA = 0.2  # weight of a new observation (bucket slack)
 MIN_FIT_BYTES = 1 << 10  # wire operations below this are control messages: they are not fitted
 MIN_OBS_BYTES = 64 << 10  # smaller wire operations are latency-bound: alone, they say little about bandwidth
 TOLERANCE_S = 0.5e-3  # a codec must lower the exposed time by more than this to replace raw
+BUSY_WEIGHT = 0.1  # between codecs: exposed + this x (codec + link time), see plan()
 DEFAULT_CANDIDATES = ("none", "fp16", "quant:bits=8", "quant:bits=4", "powersgd:rank=4")
 
 
@@ -322,10 +325,17 @@ def plan(rows: list[dict[str, Any]], candidates: Sequence[str], preferred: str, 
     def rank(c: str) -> int:  # tie-break: raw, then the user's codec, then the list's order
         return 0 if c == "none" else 1 if c == preferred else 2 + list(candidates).index(c)
 
+    def busy(i: int, c: str) -> float:
+        return sum(rows[i]["times"][c])
+
     for _ in range(2):  # coordinate descent: each bucket's best given the others' choices
         for i in range(n):
             t = {c: total(choice[:i] + [c] + choice[i + 1:]) for c in rows[i]["times"]}
-            best = min(sorted(t, key=rank), key=lambda c: t[c])
+            # among codecs, the least exposed plus a share of the time it keeps the worker busy:
+            # hiding is a prediction from measured slack, and of two codecs predicted to expose
+            # alike the one that occupies the link and CPU less survives a smaller slack
+            coded = sorted((c for c in t if c != "none"), key=rank)
+            best = min(coded, key=lambda c: t[c] + BUSY_WEIGHT * busy(i, c), default="none")
             choice[i] = best if t[best] < t["none"] - tolerance_s else "none"
     raw_all = total(["none"] * n)
     for i, r in enumerate(rows):
