@@ -127,6 +127,11 @@ def test_link_tracker_refits_latency_from_training_traffic():
     for i in range(10):
         tr1.observe(4 << 20, 2, 2e-3 + spb * (4 << 20) + 0.01 * i)
     assert tr1.local()[:2] == pytest.approx((1e-3, spb), rel=1e-6)
+    # then every bucket goes to PowerSGD: only small, latency-bound operations are observed. They
+    # do not show the bandwidth, which stays the last one seen (not infinite: raw would win)
+    for i in range(40):
+        tr1.observe((4 << 10) * (1 + i % 4), 2, 2e-4)
+    assert tr1.local()[:2] == pytest.approx((1e-3, spb), rel=1e-6)
 
 
 # -- config ----------------------------------------------------------------------------------------

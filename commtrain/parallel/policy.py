@@ -111,7 +111,9 @@ class LinkTracker:
     the fastest operation of each size class (powers of two), fitted to ``latency * rounds +
     bytes * s_per_byte`` when the window holds sizes at least 4x apart; with one size class
     only, the per-byte time follows that class's fastest operation and the latency stays the
-    start-up probe's. Fitting both from training traffic matters: the start-up probe's latency
+    start-up probe's. A window of latency-bound operations only (< ``MIN_OBS_BYTES``, e.g. every
+    bucket on PowerSGD) does not show the bandwidth: the last estimate that did is kept.
+    Fitting both from training traffic matters: the start-up probe's latency
     is inflated when the CPU is busy (small all-reduces wait for a core), and subtracting an
     inflated latency from every bucket's time would make the link look faster than it is."""
 
@@ -119,6 +121,7 @@ class LinkTracker:
         from collections import deque
 
         self.estimate = estimate
+        self._last = (estimate.latency_s, estimate.s_per_byte)  # the last estimate bandwidth was seen in
         self._obs: deque = deque(maxlen=window)
         self._n = 0
         self._lock = threading.Lock()
@@ -134,7 +137,7 @@ class LinkTracker:
         """(latency_s, s_per_byte, operations observed) from this rank's recent operations."""
         with self._lock:
             obs, n = list(self._obs), self._n
-        lat, spb = self.estimate.latency_s, self.estimate.s_per_byte
+        lat, spb = self._last
         if not obs:
             return lat, spb, 0
         fastest: dict[int, tuple[int, int, float]] = {}
@@ -144,11 +147,16 @@ class LinkTracker:
                 fastest[k] = (b, r, t)
         env = list(fastest.values())
         sizes = [b for b, _, _ in env]
-        if len(env) >= 2 and max(sizes) >= 4 * min(sizes):
-            return (*fit_link(env), n)
         big = [(b, r, t) for b, r, t in env if b >= MIN_OBS_BYTES]
-        if big:
-            spb = min(max(t - lat * r, 0.0) / b for b, r, t in big)
+        if not big:  # only latency-bound operations (e.g. every bucket on PowerSGD): bandwidth unseen
+            return lat, spb, n
+        if len(env) >= 2 and max(sizes) >= 4 * min(sizes):
+            fit = fit_link(env)
+            if fit[1] > 0:
+                self._last = fit
+                return (*fit, n)
+        spb = min(max(t - lat * r, 0.0) / b for b, r, t in big)
+        self._last = (lat, spb)
         return lat, spb, n
 
     def agree(self, comm) -> LinkEstimate:
