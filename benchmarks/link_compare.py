@@ -45,6 +45,7 @@ PREFIX = "ctb"
 
 
 MODEL = "gpt-mini"
+BURST: list[str] = []  # ["--burst-ms", X] for launch/netns.py (--burst-ms)
 SKIP = 3
 
 
@@ -79,7 +80,8 @@ def run_simulated(rate: str, codec: str, steps: int, out_dir: Path, framing: str
 
 
 def run_real(rate: str, codec: str, steps: int, out_dir: Path) -> dict:
-    cmd = [sys.executable, str(NETNS), "--prefix", PREFIX, "--nproc", "2", "--rate", rate, "--timeout", "300", "--",
+    cmd = [sys.executable, str(NETNS), "--prefix", PREFIX, "--nproc", "2", "--rate", rate, *BURST, "--timeout", "300",
+           "--",
            sys.executable, "-m", "commtrain", "train", "--config", str(CONFIG), *train_sets(out_dir, None, codec, steps)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode:
@@ -100,7 +102,7 @@ def combine(results: list[dict]) -> dict:
 
 
 def measure(rate: str, seconds: float) -> dict:
-    r = subprocess.run([sys.executable, str(NETNS), "--prefix", PREFIX, "--nproc", "2", "--rate", rate, "--measure",
+    r = subprocess.run([sys.executable, str(NETNS), "--prefix", PREFIX, "--nproc", "2", "--rate", rate, *BURST, "--measure",
                         "--seconds", str(seconds)], capture_output=True, text=True, timeout=120)
     if r.returncode:
         raise RuntimeError(f"netns --measure failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -120,7 +122,7 @@ def predictions(rate: str, codec: str) -> dict | None:
 
 
 def main(argv=None) -> int:
-    global MODEL, SKIP
+    global MODEL, SKIP, BURST
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="100mbit,1gbit")
     ap.add_argument("--codecs", default="none;quant:bits=4,group=128", help="';'-separated gradient codecs")
@@ -132,9 +134,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.05, help="target |real / simulated - 1|")
     ap.add_argument("--seconds", type=float, default=4.0, help="duration of each bandwidth measurement")
     ap.add_argument("--json", default=str(OUT), help="results file (merged by rate and codec)")
+    ap.add_argument("--burst-ms", type=float, default=None, help="the real link's tbf bucket (launch/netns.py --burst-ms)")
     args = ap.parse_args(argv)
     out = Path(args.json)
     MODEL, SKIP = args.model, args.skip
+    BURST = [] if args.burst_ms is None else ["--burst-ms", str(args.burst_ms)]
     framings = [f for f in args.framings.split(",") if f]
     if os.geteuid() != 0:
         print("link_compare: needs root (network namespaces, tc)", file=sys.stderr)
@@ -143,6 +147,7 @@ def main(argv=None) -> int:
     if data.get("model") != args.model:  # results of another model are not comparable: start over
         data = {"model": args.model, "measure": {}, "runs": {}}
     data["tolerance"], data["repeats"], data["steps"], data["skip"] = args.tolerance, args.repeats, args.steps, args.skip
+    data["burst_ms"] = 10.0 if args.burst_ms is None else args.burst_ms
     for rate in filter(None, args.rates.split(",")):
         data["measure"][rate] = measure(rate, args.seconds)
         print(f"{rate}: achieved {data['measure'][rate]['mbit_s']:.1f} Mbit/s", flush=True)
