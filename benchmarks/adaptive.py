@@ -44,6 +44,7 @@ NETNS = ROOT / "launch" / "netns.py"
 CONFIG = CONFIG_DIR / "demo.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "adaptive.json"
 REPORT = ROOT / "benchmarks" / "results" / "adaptive.md"
+NOTES = ROOT / "benchmarks" / "results" / "adaptive_notes.md"
 SCRATCH = ROOT / "benchmarks" / "out" / "adaptive"
 LINKS = ("unthrottled", "10gbit", "1gbit", "100mbit")
 FIXED = ("fp16", "quant:bits=8", "quant:bits=4", "powersgd:rank=4")
@@ -79,7 +80,9 @@ def summarize(out_dir: Path, skip: int) -> dict:
     rows = read_metrics(out_dir / "metrics.jsonl")
     steps = [r for r in rows if "event" not in r][skip:]
     decisions = [r for r in rows if r.get("event") == "compression_decision"]
+    every = [r for r in rows if "event" not in r]
     return {"step_time_s": statistics.median(r["step_time_s"] for r in steps),
+            "whole_run_s": sum(r["step_time_s"] for r in every),  # every step: start-up and decisions included
             "comm_s": statistics.median(r["comm_s"] for r in steps),
             "grad_bytes_per_step": statistics.median(r["wire_bytes"]["grad"] for r in steps),
             "steps": len(steps), "decisions": decisions}
@@ -118,12 +121,17 @@ def main(argv=None) -> int:
             print("adaptive: --mode real needs root (network namespaces, tc)", file=sys.stderr)
             return 2
         only = set(args.only.split(",")) if args.only else None
+        invocation = ("sudo " if args.mode == "real" else "") + "flock /tmp/commtrain-cpu.lock python " \
+            "benchmarks/adaptive.py " + " ".join(argv if argv is not None else sys.argv[1:])
         for name, extra in rows_in_order(args.link, args.pairs):
             if only and name.split("#")[0] not in only:
                 continue
             t0 = time.time()
             res = run(args.mode, args.link, name, extra, args.steps, args.skip)
             data.setdefault(f"{args.mode}|{args.link}", {})[name] = res
+            inv = data[f"{args.mode}|{args.link}"].setdefault("_invocations", [])
+            if not inv or inv[-1] != invocation:
+                inv.append(invocation)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(data, indent=1))
             print(f"{args.mode} {args.link} {name}: {res['step_time_s'] * 1e3:.1f} ms/step "
@@ -202,6 +210,19 @@ def report(data: dict) -> str:
         sp = "-" if v["none_spread"] is None else f"{100 * v['none_spread']:.1f}%"
         lines.append(f"| {v['mode']} | {v['link']} | auto <= {v['target']:.2f} x {v['vs']} | {v['auto_ms']:.1f} | "
                      f"{v['ratio']:.3f} | {'met' if v['met'] else '**missed**'} | {sp} |")
+    lines += ["", "## Whole run", "", "Sum of all 30 step times (s): the first steps, the probe and every decision's "
+              "rehearsals included (auto re-decides every 10 steps here; the default is 25). Medians over the repeats.", "",
+              "| mode | link | none | auto | auto / none | best fixed | auto / best fixed |", "|---|---|---:|---:|---:|---|---:|"]
+    for key, runs in data.items():
+        mode, link = key.split("|")
+        whole = {n: statistics.median(runs[k]["whole_run_s"] for k in _repeats(runs, n) if "whole_run_s" in runs[k])
+                 for n in ("none", "auto", *FIXED) if any("whole_run_s" in runs[k] for k in _repeats(runs, n))}
+        if "none" not in whole or "auto" not in whole:
+            continue
+        fixed = {n: v for n, v in whole.items() if n != "auto"}
+        best = min(fixed, key=fixed.get)
+        lines.append(f"| {mode} | {link} | {whole['none']:.2f} | {whole['auto']:.2f} | {whole['auto'] / whole['none']:.3f} | "
+                     f"{best} {fixed[best]:.2f} | {whole['auto'] / fixed[best]:.3f} |")
     lines += ["", "## Decision tables (auto, last decision of the first auto run)", "",
               "Per bucket: slack = how long before the end of backward its reduction started (EMA, the group's "
               "least); per candidate `codec+link=exposed` ms: measured codec time on this CPU, link time on the "
@@ -221,11 +242,14 @@ def report(data: dict) -> str:
                   f"{d['exposed_ms']:.1f} ms vs all raw {d['exposed_raw_ms']:.1f} ms)", "", "```",
                   format_table(_rows(d["table"])), "```", ""]
     lines += ["Commands (one invocation per link and mode, each under `flock /tmp/commtrain-cpu.lock`):", "", "```"]
-    for key in data:
+    for key, runs in data.items():
         mode, link = key.split("|")
-        lines.append(f"{'sudo ' if mode == 'real' else ''}flock /tmp/commtrain-cpu.lock python benchmarks/adaptive.py "
-                     f"--mode {mode} --link {link} --steps 30 --skip 6")
+        lines += runs.get("_invocations") or [
+            f"{'sudo ' if mode == 'real' else ''}flock /tmp/commtrain-cpu.lock python benchmarks/adaptive.py "
+            f"--mode {mode} --link {link} --steps 30 --skip 6"]
     lines += ["python benchmarks/adaptive.py --report", "```", ""]
+    if NOTES.exists():  # the reading of these numbers, written by hand beside the generated table
+        lines += [NOTES.read_text()]
     return "\n".join(lines)
 
 

@@ -28,7 +28,9 @@ def _demote(text: str) -> str:
 
 def main() -> None:
     parts = [HEADER]
-    for name in ORDER + sorted(p.stem for p in (HERE / "results").glob("*.md") if p.stem not in ORDER):
+    # *_notes.md are parts of a generated section (e.g. adaptive.py --report appends its notes), not sections
+    for name in ORDER + sorted(p.stem for p in (HERE / "results").glob("*.md")
+                               if p.stem not in ORDER and not p.stem.endswith("_notes")):
         path = HERE / "results" / f"{name}.md"
         if path.exists():
             text = path.read_text().strip()
