@@ -15,8 +15,8 @@ a real link, where a peer's bytes only leave when that peer arrives: on a thrott
 ranks first exchange a one-byte token (the join; not metered: a real collective's
 handshake), then the link is booked, the real operation runs, and the rank sleeps until the
 modeled completion. (Booking at a rank's own arrival instead hides part of the modeled
-transfer behind the wait for a slower peer, which made the simulated link optimistic
-against a real ``tc`` link for compressed codecs, whose codec work skews the ranks.) A send
+transfer behind the wait for a slower peer: optimistic against a real ``tc`` link by up to
+the skew per collective, as when codec work or a loaded CPU skews the ranks.) A send
 first waits for its modeled completion and only then sends, so the receiver sees the data
 at the modeled arrival time without sleeping itself.
 
