@@ -54,11 +54,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
+BURST_MIN = 125_000  # bytes: the smallest tbf bucket measured not to drop TCP bursts (see Netns.burst_bytes)
+
+
 class Netns:
     """Creates and (always) removes the namespaces, veths, bridge and qdiscs of one run."""
 
     def __init__(self, nproc: int, rate_bps: float | None, prefix: str = "ct", queue_latency: str = "50ms",
-                 burst_ms: float = 10.0):
+                 burst_ms: float | None = None):
         self.nproc, self.rate_bps, self.prefix, self.queue_latency = nproc, rate_bps, prefix, queue_latency
         self.burst_ms = burst_ms
         self.created: list[str] = []
@@ -73,13 +76,21 @@ class Netns:
     def names(self) -> list[str]:
         return [self.ns(i) for i in range(self.nproc)] + [self.ns("hub")]
 
+    def burst_bytes(self) -> int:
+        """The tbf bucket. A wire has no bucket: what fits in it after an idle gap leaves at the
+        veth's own speed, so a large one makes the link faster than its rate for traffic in
+        short operations (10 ms at 1 Gbit/s: real/simulated 0.93); too small a one drops TCP
+        bursts (64 KiB at 100 Mbit/s: 4.9% of the bytes retransmitted). Default: 1 ms of
+        traffic, at least BURST_MIN (measured without drops at 100 Mbit/s and 1 Gbit/s,
+        benchmarks/results/links.md); ``burst_ms`` overrides it."""
+        if self.burst_ms is not None:
+            return max(int(self.rate_bps / 8 * self.burst_ms / 1e3), 4 * 1514)
+        return max(int(self.rate_bps / 8 / 1e3), BURST_MIN)
+
     def _shape(self, ns: str, dev: str) -> None:
         if self.rate_bps is None:
             return
-        # burst: burst_ms of traffic, at least a few MTUs. A wire has no burst: whatever fits in the
-        # bucket after an idle gap leaves at the veth's own speed, so a large burst makes a shaped
-        # link faster than its rate for traffic that comes in short operations (--burst-ms).
-        burst = max(int(self.rate_bps / 8 * self.burst_ms / 1e3), 4 * 1514)
+        burst = self.burst_bytes()
         r = subprocess.run(
             ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate_bps)}bit",
              "burst", str(burst), "latency", self.queue_latency],
@@ -256,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks = namespaces (2..200)")
     ap.add_argument("--rate", type=parse_rate, default=None, help="per-direction NIC rate, e.g. 100mbit, 1gbit (default: unshaped)")
     ap.add_argument("--queue-latency", default="50ms", help="tbf queue bound (tc 'latency'), default 50ms")
-    ap.add_argument("--burst-ms", type=float, default=10.0,
-                    help="tbf bucket, in ms of traffic at --rate (default 10; smaller is closer to a wire)")
+    ap.add_argument("--burst-ms", type=float, default=None,
+                    help="tbf bucket, in ms of traffic at --rate (default: 1 ms, at least 125 KB)")
     ap.add_argument("--prefix", default="ct", help="namespace name prefix (default ct: ct0, ct1, ..., cthub)")
     ap.add_argument("--master-port", type=int, default=29500)
     ap.add_argument("--timeout", type=float, default=None, help="kill all ranks after this many seconds")
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netns: not supported here: {why}", file=sys.stderr)
         return EXIT_UNSUPPORTED
 
-    if args.burst_ms <= 0:
+    if args.burst_ms is not None and args.burst_ms <= 0:
         ap.error(f"--burst-ms {args.burst_ms} is invalid; allowed: > 0")
     net = Netns(args.nproc, args.rate, args.prefix, args.queue_latency, args.burst_ms)
     if args.cleanup:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,17 @@ def test_collectives_take_at_least_the_modeled_time():
         assert b_q == 2_000_000 and m_q == pytest.approx(8 * 2e6 / 1e9 + 2e-3)
         assert t_none >= m_none and t_q >= m_q
         assert t_none < m_none + 1.0  # and not absurdly more
+
+
+def test_real_link_tbf_bucket_is_one_ms_and_at_least_125_kb():
+    """launch/netns.py's shaper bucket: 10 ms at 1 Gbit/s let whole operations pass at veth speed,
+    64 KiB at 100 Mbit/s dropped TCP bursts (benchmarks/results/links.md, round 3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("netns", Path(__file__).resolve().parents[1] / "launch" / "netns.py")
+    netns = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(netns)
+    assert netns.Netns(2, 100e6).burst_bytes() == 125_000
+    assert netns.Netns(2, 1e9).burst_bytes() == 125_000
+    assert netns.Netns(2, 10e9).burst_bytes() == 1_250_000
+    assert netns.Netns(2, 1e9, burst_ms=10).burst_bytes() == 1_250_000
