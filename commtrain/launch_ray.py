@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+LOG_GRACE_S = 1.0  # seconds for Ray to forward the ranks' last output lines before shutdown
 
 
 def loopback_ifname() -> str:
@@ -254,6 +255,9 @@ def launch(num_workers: int, config: str | None, overrides: list[str], address: 
             return _run(ray, cfg, num_workers, config, config_text, overrides, address, cpus_per_worker,
                         gpus_per_worker, timeout_s, master_addr, progress_every_s)
         finally:
+            # Ray forwards the ranks' output by tailing their log files asynchronously: give it
+            # a moment, or the ranks' last lines (the end-of-run summary) are lost at shutdown.
+            time.sleep(LOG_GRACE_S)
             ray.shutdown()
     finally:
         if own_tmp is not None:
